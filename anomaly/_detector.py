@@ -1,0 +1,445 @@
+"""LatentEBMDetector: the scikit-learn estimator around the divergence-triangle model."""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, OutlierMixin
+from sklearn.utils import check_random_state
+from sklearn.utils.validation import check_is_fitted
+
+from anomaly._validation import image_shape_tuple, validate_samples
+from training import (
+    SCORE_RULES,
+    AnomalyScorer,
+    NetworkConfig,
+    TrainConfig,
+    build_networks,
+    train_networks,
+)
+from training.loop import EpochCallback
+
+_CHUNK_ROWS = 4096
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}") from err
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} was asked for, but CUDA is not available")
+    return resolved
+
+
+class LatentEBMDetector(OutlierMixin, BaseEstimator):
+    """Unsupervised anomaly detector: a VAE and a latent energy-based critic on (x, z),
+    trained jointly by the divergence triangle (Han et al., CVPR 2019 / 2020).
+
+    Read more in the README. Training runs on CUDA when ``device="auto"`` finds it; scoring
+    runs on the CPU in float64, so that scores do not depend on the batch they come in (use the
+    ONNX export for GPU inference).
+
+    Parameters
+    ----------
+    objective : {"triangle", "vae"}, default="triangle"
+        ``"vae"`` trains the same encoder and generator as a plain VAE (the ablation).
+    score : {"joint", "energy", "reconstruction", "elbo"}, default="joint"
+        Anomaly score: ``"energy"`` = E(x, mu(x)); ``"joint"`` = E(x, mu) + reconstruction
+        error + ||mu||^2 / 2; ``"reconstruction"``; ``"elbo"`` = negative ELBO at mu.
+    inference_loss : {"kl_plus", "kl_minus"}, default="kl_plus"
+        Encoder objective: ``"kl_plus"`` minimises KL(Q||P) + KL(Q||Pi); ``"kl_minus"``
+        (the authors' code) KL(Q||P) - KL(Q||Pi), which collapses the encoder variance.
+    latent_dim : int, default=16
+    width : int or None, default=None
+        Hidden units (MLP) or first-stage channels (conv); None = 256 / 32.
+    depth : int, default=2
+        Hidden layers (MLP) or stride-2 stages (conv).
+    energy_width : int or None, default=None
+        Width of the energy network; None = ``width``.
+    epochs : int, default=100
+    batch_size : int, default=64
+    learning_rate : float, default=3e-4
+        Encoder and generator.
+    ebm_learning_rate : float, default=1e-4
+    weight_decay : float, default=1e-4
+        Encoder and generator.
+    lr_decay : float, default=0.998
+        Multiplies every learning rate after each epoch.
+    decoder_sigma : float, default=0.3
+        Standard deviation of p(x|z) in preprocessed units.
+    image_shape : tuple or None, default=None
+        ``(H, W)`` or ``(C, H, W)``: 2-D rows are images of this shape (conv networks).
+        Image batches ``(n, H, W)`` / ``(n, C, H, W)`` need no ``image_shape``.
+    contamination : "auto" or float in (0, 0.5], default="auto"
+        Sets ``offset_``: a float is the expected fraction of outliers in the training data;
+        "auto" puts the threshold at Tukey's lower fence (Q1 - 1.5 IQR) of the training scores.
+    device : str, default="auto"
+        Training device: "auto", "cpu", "cuda" or "cuda:N".
+    random_state : int, RandomState instance or None, default=None
+        Seeds initialisation and training; an int makes fit and scores reproducible on CPU.
+    verbose : int, default=0
+        0 is silent; 1 shows a progress bar over epochs.
+
+    Attributes
+    ----------
+    offset_ : float
+        ``decision_function = score_samples - offset_``.
+    input_shape_ : tuple of int
+        Shape of one sample seen by the networks: ``(n_features,)`` or ``(C, H, W)``.
+    n_features_in_ : int
+    feature_names_in_ : ndarray of shape (n_features_in_,)
+        Only when X has string column names.
+    training_history_ : list of dict
+        Per-epoch metrics: each loss term, energy gap, mean encoder variance, seconds.
+    scorer_ : AnomalyScorer
+        The fitted scoring module (float64, CPU).
+
+    Examples
+    --------
+    >>> from sklearn.datasets import load_digits
+    >>> X = load_digits().data
+    >>> det = LatentEBMDetector(epochs=5, random_state=0).fit(X)
+    >>> det.predict(X[:3]).shape
+    (3,)
+    """
+
+    def __init__(
+        self,
+        *,
+        objective: str = "triangle",
+        score: str = "joint",
+        inference_loss: str = "kl_plus",
+        latent_dim: int = 16,
+        width: int | None = None,
+        depth: int = 2,
+        energy_width: int | None = None,
+        epochs: int = 100,
+        batch_size: int = 64,
+        learning_rate: float = 3e-4,
+        ebm_learning_rate: float = 1e-4,
+        weight_decay: float = 1e-4,
+        lr_decay: float = 0.998,
+        decoder_sigma: float = 0.3,
+        image_shape: Sequence[int] | None = None,
+        contamination: str | float = "auto",
+        device: str = "auto",
+        random_state=None,
+        verbose: int = 0,
+    ) -> None:
+        self.objective = objective
+        self.score = score
+        self.inference_loss = inference_loss
+        self.latent_dim = latent_dim
+        self.width = width
+        self.depth = depth
+        self.energy_width = energy_width
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.learning_rate = learning_rate
+        self.ebm_learning_rate = ebm_learning_rate
+        self.weight_decay = weight_decay
+        self.lr_decay = lr_decay
+        self.decoder_sigma = decoder_sigma
+        self.image_shape = image_shape
+        self.contamination = contamination
+        self.device = device
+        self.random_state = random_state
+        self.verbose = verbose
+
+    # ------------------------------------------------------------------ fitting
+    def _check_params(self) -> None:
+        if self.score not in SCORE_RULES:
+            raise ValueError(f"score must be one of {SCORE_RULES}, got {self.score!r}")
+        if self.objective == "vae" and self.score == "energy":
+            raise ValueError("score='energy' needs objective='triangle': the VAE has no energy")
+        if isinstance(self.contamination, str):
+            if self.contamination != "auto":
+                raise ValueError(f"contamination must be 'auto' or a float in (0, 0.5], "
+                                 f"got {self.contamination!r}")
+        elif not (isinstance(self.contamination, numbers.Real)
+                  and 0.0 < self.contamination <= 0.5):
+            raise ValueError(f"contamination must be 'auto' or a float in (0, 0.5], "
+                             f"got {self.contamination!r}")
+        for name in ("latent_dim", "depth", "epochs", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name in ("width", "energy_width"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, numbers.Integral) or value < 1):
+                raise ValueError(f"{name} must be None or a positive int, got {value!r}")
+        for name in ("learning_rate", "ebm_learning_rate", "decoder_sigma"):
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Real) or not value > 0:
+                raise ValueError(f"{name} must be a positive float, got {value!r}")
+        if not (isinstance(self.lr_decay, numbers.Real) and 0 < self.lr_decay <= 1):
+            raise ValueError(f"lr_decay must be in (0, 1], got {self.lr_decay!r}")
+
+    def _network_config(self, input_shape: tuple[int, ...]) -> NetworkConfig:
+        is_image = len(input_shape) == 3
+        width = self.width if self.width is not None else (32 if is_image else 256)
+        return NetworkConfig(input_shape=input_shape, latent_dim=int(self.latent_dim),
+                             width=int(width), depth=int(self.depth),
+                             energy_width=self.energy_width)
+
+    def _train_config(self) -> TrainConfig:
+        return TrainConfig(
+            objective=self.objective, inference_loss=self.inference_loss,
+            epochs=int(self.epochs), batch_size=int(self.batch_size),
+            lr_ebm=float(self.ebm_learning_rate), lr=float(self.learning_rate),
+            weight_decay=float(self.weight_decay), lr_decay=float(self.lr_decay),
+            decoder_sigma=float(self.decoder_sigma),
+        )
+
+    def fit(self, X, y=None, *, callbacks: Sequence[EpochCallback] = ()):
+        """Learn the preprocessing and train the networks on ``X``.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features), (n, H, W) or (n, C, H, W)
+            Training data, assumed mostly normal.
+        y : Ignored
+        callbacks : sequence of callables, optional
+            Each is called as ``callback(epoch, metrics)`` after every epoch (for example to
+            log to MLflow).
+
+        Returns
+        -------
+        self : LatentEBMDetector
+        """
+        self._check_params()
+        device = resolve_device(self.device)
+        train_config = self._train_config()
+        X, sample_shape = validate_samples(self, X, reset=True)
+        if self.image_shape is not None:
+            input_shape = image_shape_tuple(self.image_shape)
+            if int(np.prod(input_shape)) != X.shape[1]:
+                raise ValueError(f"image_shape {tuple(self.image_shape)} holds "
+                                 f"{int(np.prod(input_shape))} values, but X has {X.shape[1]} "
+                                 "features per sample")
+        elif sample_shape is not None:
+            input_shape = sample_shape if len(sample_shape) == 3 else (1, *sample_shape)
+        else:
+            input_shape = (X.shape[1],)
+        network_config = self._network_config(input_shape)
+        self._sample_shape = sample_shape if sample_shape is not None else (X.shape[1],)
+        self.input_shape_ = input_shape
+
+        if network_config.is_image:
+            # One range for all pixels keeps images images; it maps the data to [-1, 1].
+            low, high = float(X.min()), float(X.max())
+            shift = np.full(X.shape[1], (high + low) / 2)
+            scale = np.full(X.shape[1], max((high - low) / 2, 1e-12))
+        else:
+            shift = X.mean(axis=0)
+            std = X.std(axis=0)
+            scale = np.where(std > 1e-12 * np.maximum(1.0, np.abs(shift)), std, 1.0)
+        self.training_mean_ = X.mean(axis=0)
+
+        seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            networks = build_networks(network_config, with_energy=self.objective == "triangle")
+        networks.to(device)
+        data = torch.as_tensor((X - shift) / scale, dtype=torch.float32, device=device)
+        data = data.reshape(-1, *input_shape)
+        generator = torch.Generator(device=device).manual_seed(seed)
+        history = train_networks(networks, data, train_config, generator=generator,
+                                 callbacks=callbacks, verbose=int(self.verbose))
+        networks.freeze_spectral_norm()
+        networks.to("cpu", torch.float64)
+        self.scorer_ = AnomalyScorer(
+            networks, torch.from_numpy(shift), torch.from_numpy(scale), input_shape,
+            self.score, train_config.decoder_sigma).eval()
+        self.training_history_ = history.epochs
+        self.n_rollbacks_ = history.rollbacks
+
+        train_scores = self._score_rows(X)
+        if self.contamination == "auto":
+            q1, q3 = np.percentile(train_scores, [25.0, 75.0])
+            self.offset_ = float(q1 - 1.5 * (q3 - q1))
+        else:
+            self.offset_ = float(np.percentile(train_scores, 100.0 * self.contamination))
+        return self
+
+    # ------------------------------------------------------------------ scoring
+    def _rows(self, X) -> np.ndarray:
+        check_is_fitted(self)
+        rows, _ = validate_samples(self, X, reset=False)
+        return rows
+
+    def _score_rows(self, rows: np.ndarray) -> np.ndarray:
+        """score_samples of validated float64 rows, in chunks to bound memory."""
+        out = np.empty(rows.shape[0], dtype=np.float64)
+        with torch.no_grad():
+            for start in range(0, rows.shape[0], _CHUNK_ROWS):
+                chunk = torch.tensor(rows[start:start + _CHUNK_ROWS], dtype=torch.float64)
+                out[start:start + _CHUNK_ROWS] = -self.scorer_(chunk).numpy()
+        return out
+
+    def score_samples(self, X) -> np.ndarray:
+        """Normality score, higher = more normal (the negative anomaly score).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features), (n, H, W) or (n, C, H, W)
+
+        Returns
+        -------
+        scores : ndarray of shape (n_samples,), float64
+        """
+        return self._score_rows(self._rows(X))
+
+    def anomaly_score(self, X) -> np.ndarray:
+        """Anomaly score, higher = more anomalous (``-score_samples``, as in PyOD)."""
+        return -self.score_samples(X)
+
+    def decision_function(self, X) -> np.ndarray:
+        """``score_samples(X) - offset_``; negative values are outliers. Shape (n_samples,)."""
+        return self.score_samples(X) - self.offset_
+
+    def predict(self, X) -> np.ndarray:
+        """+1 for inliers, -1 for outliers. Shape (n_samples,)."""
+        return np.where(self.decision_function(X) < 0, -1, 1)
+
+    # ------------------------------------------------------------------ generative use
+    def _as_output(self, rows: np.ndarray, like_shape: tuple[int, ...] | None) -> np.ndarray:
+        return rows if like_shape is None else rows.reshape(-1, *like_shape)
+
+    def encode(self, X) -> np.ndarray:
+        """Posterior means mu(x), shape (n_samples, latent_dim)."""
+        rows = self._rows(X)
+        with torch.no_grad():
+            mu, _ = self.scorer_.encoder(self.scorer_.preprocess(torch.from_numpy(rows)))
+        return mu.numpy()
+
+    def reconstruct(self, X) -> np.ndarray:
+        """g(mu(x)) in the units and shape of ``X``."""
+        check_is_fitted(self)
+        rows, sample_shape = validate_samples(self, X, reset=False)
+        with torch.no_grad():
+            x = torch.from_numpy(rows)
+            mu, _ = self.scorer_.encoder(self.scorer_.preprocess(x))
+            out = self.scorer_.postprocess(self.scorer_.generator(mu)).numpy()
+        return self._as_output(out, sample_shape)
+
+    def _langevin(self, z: torch.Tensor, potential, steps: int, step_size: float,
+                  generator: torch.Generator) -> torch.Tensor:
+        """Short-run Langevin dynamics z <- z - s^2/2 grad U(z) + s eps."""
+        for _ in range(steps):
+            z = z.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(potential(z).sum(), z)
+            noise = torch.randn(z.shape, generator=generator, dtype=z.dtype)
+            z = z - 0.5 * step_size**2 * grad + step_size * noise
+        return z.detach()
+
+    def sample(self, n_samples: int = 1, *, langevin_steps: int = 0, step_size: float = 0.1,
+               random_state=None) -> np.ndarray:
+        """Draw g(z), z ~ N(0, I); with ``langevin_steps`` > 0, z first follows short-run
+        Langevin dynamics on E(g(z), z) + ||z||^2 / 2 (needs the triangle objective).
+
+        Returns
+        -------
+        X : ndarray of shape (n_samples, *sample shape seen in fit), in data units
+        """
+        check_is_fitted(self)
+        if not isinstance(n_samples, numbers.Integral) or n_samples < 1:
+            raise ValueError(f"n_samples must be a positive int, got {n_samples!r}")
+        if langevin_steps and self.scorer_.energy is None:
+            raise ValueError("Langevin refinement needs the energy of objective='triangle'")
+        generator = torch.Generator().manual_seed(
+            int(check_random_state(random_state).randint(np.iinfo(np.int32).max)))
+        decoder, energy = self.scorer_.generator, self.scorer_.energy
+        z = torch.randn((n_samples, self.scorer_.encoder.mu.out_features),
+                        generator=generator, dtype=torch.float64)
+        if langevin_steps:
+            z = self._langevin(z, lambda v: energy(decoder(v), v) + 0.5 * v.pow(2).sum(1),
+                               int(langevin_steps), step_size, generator)
+        with torch.no_grad():
+            rows = self.scorer_.postprocess(decoder(z)).numpy()
+        return rows.reshape(-1, *self._sample_shape)
+
+    def inpaint(self, X, mask, *, n_iter: int = 20, langevin_steps: int = 0,
+                step_size: float = 0.05, random_state=None) -> np.ndarray:
+        """Fill the entries of ``X`` where ``mask`` is True.
+
+        Missing entries start at the training mean; then ``n_iter`` times: encode, decode and
+        replace only the missing entries. With ``langevin_steps`` > 0 each latent code is
+        refined by Langevin dynamics on the observed-entry reconstruction error plus
+        ||z||^2 / 2 plus E(x, z) before decoding.
+
+        Parameters
+        ----------
+        X : array-like, same layouts as ``fit``; missing entries may hold NaN
+        mask : array-like of bool, same shape as X; True = missing
+
+        Returns
+        -------
+        X_filled : ndarray of the shape of X, observed entries unchanged
+        """
+        check_is_fitted(self)
+        X_arr = np.asarray(X, dtype=np.float64) if not hasattr(X, "iloc") else X.to_numpy(
+            dtype=np.float64)
+        mask_arr = np.asarray(mask)
+        if mask_arr.dtype != bool:
+            raise TypeError(f"mask must be a boolean array, got dtype {mask_arr.dtype}")
+        if mask_arr.shape != X_arr.shape:
+            raise ValueError(f"mask has shape {mask_arr.shape}, but X has shape {X_arr.shape}")
+        if not isinstance(n_iter, numbers.Integral) or n_iter < 1:
+            raise ValueError(f"n_iter must be a positive int, got {n_iter!r}")
+        if langevin_steps and self.scorer_.energy is None:
+            raise ValueError("Langevin refinement needs the energy of objective='triangle'")
+        start = np.where(mask_arr, self.training_mean_.reshape(X_arr.shape[1:]), X_arr)
+        rows, sample_shape = validate_samples(self, start, reset=False)
+        missing = torch.from_numpy(mask_arr.reshape(rows.shape))
+        observed = torch.from_numpy(rows)
+        generator = torch.Generator().manual_seed(
+            int(check_random_state(random_state).randint(np.iinfo(np.int32).max)))
+        scorer = self.scorer_
+        x = observed.clone()
+        for _ in range(n_iter):
+            x_model = scorer.preprocess(x)
+            with torch.no_grad():
+                z, _ = scorer.encoder(x_model)
+            if langevin_steps:
+                seen = (~missing).reshape(x_model.shape).to(x_model.dtype)
+
+                def potential(v, x_model=x_model, seen=seen):
+                    err = (seen * (x_model - scorer.generator(v))).pow(2).flatten(1).sum(1)
+                    return (0.5 * err / scorer.decoder_sigma**2 + 0.5 * v.pow(2).sum(1)
+                            + scorer.energy(x_model, v))
+
+                z = self._langevin(z, potential, int(langevin_steps), step_size, generator)
+            with torch.no_grad():
+                filled = scorer.postprocess(scorer.generator(z))
+            x = torch.where(missing, filled, observed)
+        return self._as_output(x.numpy(), sample_shape)
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | Path) -> Path:
+        """Write the fitted detector to the directory ``path`` (JSON + safetensors, no pickle).
+
+        Returns the directory.
+        """
+        from anomaly._persistence import save_detector
+
+        return save_detector(self, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> LatentEBMDetector:
+        """Read a detector written by :meth:`save`; verifies the weights' checksum."""
+        from anomaly._persistence import load_detector
+
+        return load_detector(cls, path)
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.allow_nan = False
+        return tags

@@ -1,0 +1,108 @@
+"""Typed, JSON-serialisable configuration of the networks and of training."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """Shape of the encoder, generator and joint energy network.
+
+    Parameters
+    ----------
+    input_shape : tuple of int
+        Shape of one sample: ``(n_features,)`` selects the MLP variant, ``(C, H, W)`` the
+        convolutional one (H and W divisible by ``2 ** depth``).
+    latent_dim : int
+        Dimension of z.
+    width : int
+        Hidden units of the MLPs; channels of the first conv stage (doubling per stage).
+    depth : int
+        Hidden layers of the MLPs; stride-2 stages of the conv nets.
+    energy_width : int or None
+        Width of the energy network; None uses ``width``.
+    spectral_norm : bool
+        Spectral normalisation on every energy layer. Fitted models store the normalised
+        weights as plain tensors and are rebuilt with ``spectral_norm=False``.
+    """
+
+    input_shape: tuple[int, ...]
+    latent_dim: int = 16
+    width: int = 256
+    depth: int = 2
+    energy_width: int | None = None
+    spectral_norm: bool = True
+
+    def __post_init__(self) -> None:
+        shape = tuple(int(s) for s in self.input_shape)
+        object.__setattr__(self, "input_shape", shape)
+        if len(shape) not in (1, 3) or min(shape) < 1:
+            raise ValueError(f"input_shape must be (n_features,) or (C, H, W), got {shape}")
+        for name in ("latent_dim", "width", "depth"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.is_image:
+            step = 2**self.depth
+            if shape[1] % step or shape[2] % step:
+                raise ValueError(
+                    f"image height and width must be divisible by 2**depth = {step}, "
+                    f"got {shape[1]}x{shape[2]}"
+                )
+
+    @property
+    def is_image(self) -> bool:
+        return len(self.input_shape) == 3
+
+    @property
+    def resolved_energy_width(self) -> int:
+        return self.width if self.energy_width is None else self.energy_width
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> NetworkConfig:
+        return cls(**{**data, "input_shape": tuple(data["input_shape"])})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings; defaults follow the authors' released code where it is known.
+
+    ``objective`` is ``"triangle"`` (divergence triangle) or ``"vae"`` (the plain VAE ablation).
+    ``inference_loss`` is ``"kl_plus"`` (phi minimises KL(Q||P) + KL(Q||Pi)) or ``"kl_minus"``
+    (the authors' KL(Q||P) - KL(Q||Pi)). ``decoder_sigma`` is the standard deviation of
+    p(x|z) in preprocessed units; it weights reconstruction against the latent terms.
+    """
+
+    objective: str = "triangle"
+    inference_loss: str = "kl_plus"
+    epochs: int = 100
+    batch_size: int = 64
+    lr_ebm: float = 1e-4
+    lr: float = 3e-4
+    weight_decay: float = 1e-4
+    lr_decay: float = 0.998
+    betas: tuple[float, float] = (0.0, 0.9)
+    grad_clip: float | None = 100.0
+    decoder_sigma: float = 0.3
+    max_rollbacks: int = 3
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+        if self.objective not in ("triangle", "vae"):
+            raise ValueError(f"objective must be 'triangle' or 'vae', got {self.objective!r}")
+        if self.inference_loss not in ("kl_plus", "kl_minus"):
+            raise ValueError(
+                f"inference_loss must be 'kl_plus' or 'kl_minus', got {self.inference_loss!r}"
+            )
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("epochs and batch_size must be positive")
+        if self.decoder_sigma <= 0:
+            raise ValueError(f"decoder_sigma must be positive, got {self.decoder_sigma}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

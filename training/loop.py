@@ -1,0 +1,265 @@
+"""The training loop: three optimizers, the authors' update order, NaN rollback, metrics."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from training import objectives
+from training.config import TrainConfig
+from training.networks import Networks
+
+logger = logging.getLogger(__name__)
+
+EpochCallback = Callable[[int, dict[str, float]], None]
+
+
+class TrainingDivergedError(RuntimeError):
+    """Raised when losses stay non-finite after every allowed rollback."""
+
+
+@dataclass
+class TrainingHistory:
+    """Per-epoch metrics (one dict per finished epoch) and the number of NaN rollbacks."""
+
+    epochs: list[dict[str, float]] = field(default_factory=list)
+    rollbacks: int = 0
+
+
+@dataclass
+class Optimizers:
+    """One Adam per network (the EBM gets its own learning rate and no weight decay)."""
+
+    encoder: torch.optim.Adam
+    generator: torch.optim.Adam
+    energy: torch.optim.Adam | None
+
+    @classmethod
+    def create(cls, networks: Networks, config: TrainConfig) -> Optimizers:
+        def adam(module: nn.Module, lr: float, weight_decay: float) -> torch.optim.Adam:
+            return torch.optim.Adam(module.parameters(), lr=lr, betas=config.betas,
+                                    weight_decay=weight_decay)
+
+        return cls(
+            encoder=adam(networks.encoder, config.lr, config.weight_decay),
+            generator=adam(networks.generator, config.lr, config.weight_decay),
+            energy=None if networks.energy is None else adam(networks.energy, config.lr_ebm, 0.0),
+        )
+
+    def all(self) -> list[torch.optim.Adam]:
+        return [o for o in (self.encoder, self.generator, self.energy) if o is not None]
+
+    def scale_lr(self, factor: float) -> None:
+        for optimizer in self.all():
+            for group in optimizer.param_groups:
+                group["lr"] *= factor
+
+
+def _clip(module: nn.Module, max_norm: float | None) -> None:
+    if max_norm is not None:
+        nn.utils.clip_grad_norm_(module.parameters(), max_norm)
+
+
+def triangle_step(
+    networks: Networks,
+    optimizers: Optimizers,
+    x: torch.Tensor,
+    config: TrainConfig,
+    generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor]:
+    """One divergence-triangle update on a minibatch, in the authors' order: EBM, encoder,
+    generator. Returns detached scalar metrics.
+
+    The encoder and generator steps share one backward pass. That is exact, not an
+    approximation: z_q and z_p are drawn once per minibatch, the encoder step does not change
+    anything the generator loss reads, and each network receives only the gradient of its own
+    loss (``inference_loss + mean E(g(z_p), z_p)`` differentiates to the inference loss in phi,
+    whose parameters E(g(z_p), z_p) does not touch, and to the generator loss in theta, which
+    the -/+ E(x, z_q) and entropy terms do not touch).
+    """
+    encoder, decoder, energy = networks.encoder, networks.generator, networks.energy
+    assert energy is not None and optimizers.energy is not None
+    sigma = config.decoder_sigma
+
+    mu, logvar = encoder(x)                                            # (n, k) each
+    z_q = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=generator,
+                                                     device=mu.device, dtype=mu.dtype)
+    z_p = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+    x_rec = decoder(z_q)                                               # like x
+    x_p = decoder(z_p)                                                 # like x
+
+    # 1. EBM: data pairs down, model pairs up. Inputs detached: only alpha moves.
+    loss_ebm = objectives.ebm_loss(energy(x, z_q.detach()), energy(x_p.detach(), z_p))
+    optimizers.energy.zero_grad(set_to_none=True)
+    loss_ebm.backward(inputs=list(energy.parameters()))
+    _clip(energy, config.grad_clip)
+    optimizers.energy.step()
+
+    # 2. + 3. Encoder and generator against the updated EBM (see docstring).
+    energy_data = energy(x, z_q)
+    energy_model = energy(x_p, z_p)
+    loss_inference = objectives.inference_loss(x, x_rec, z_q, logvar, energy_data, sigma,
+                                               config.inference_loss)
+    encoder_and_generator = list(encoder.parameters()) + list(decoder.parameters())
+    optimizers.encoder.zero_grad(set_to_none=True)
+    optimizers.generator.zero_grad(set_to_none=True)
+    (loss_inference + energy_model.mean()).backward(inputs=encoder_and_generator)
+    _clip(encoder, config.grad_clip)
+    _clip(decoder, config.grad_clip)
+    optimizers.encoder.step()
+    optimizers.generator.step()
+
+    with torch.no_grad():
+        recon = objectives.reconstruction_nll(x, x_rec, sigma).mean()
+        return {
+            "loss_ebm": loss_ebm.detach(),
+            "loss_inference": loss_inference.detach(),
+            "loss_generator": recon + energy_model.mean().detach(),
+            "reconstruction": recon,
+            "energy_data": energy_data.mean().detach(),
+            "energy_model": energy_model.mean().detach(),
+            "energy_gap": (energy_model.mean() - energy_data.mean()).detach(),
+            "encoder_variance": logvar.exp().mean().detach(),
+        }
+
+
+def vae_step(
+    networks: Networks,
+    optimizers: Optimizers,
+    x: torch.Tensor,
+    config: TrainConfig,
+    generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor]:
+    """One update of the plain VAE (the ablation): encoder and generator on the negative ELBO."""
+    mu, logvar = networks.encoder(x)
+    z_q = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=generator,
+                                                     device=mu.device, dtype=mu.dtype)
+    x_rec = networks.generator(z_q)
+    loss = objectives.vae_loss(x, x_rec, mu, logvar, config.decoder_sigma)
+    optimizers.encoder.zero_grad(set_to_none=True)
+    optimizers.generator.zero_grad(set_to_none=True)
+    loss.backward()
+    _clip(networks.encoder, config.grad_clip)
+    _clip(networks.generator, config.grad_clip)
+    optimizers.encoder.step()
+    optimizers.generator.step()
+    with torch.no_grad():
+        return {
+            "loss_vae": loss.detach(),
+            "reconstruction": objectives.reconstruction_nll(x, x_rec, config.decoder_sigma).mean(),
+            "encoder_variance": logvar.exp().mean().detach(),
+        }
+
+
+@dataclass
+class _Snapshot:
+    networks: dict[str, torch.Tensor]
+    optimizers: list[dict]
+    schedulers: list[dict]
+
+
+def _snapshot(networks: Networks, optimizers: Optimizers, schedulers: list) -> _Snapshot:
+    return _Snapshot(
+        networks=networks.state_dict(),
+        optimizers=[copy.deepcopy(o.state_dict()) for o in optimizers.all()],
+        schedulers=[copy.deepcopy(s.state_dict()) for s in schedulers],
+    )
+
+
+def _restore(snapshot: _Snapshot, networks: Networks, optimizers: Optimizers,
+             schedulers: list) -> None:
+    networks.load_state_dict(snapshot.networks)
+    for optimizer, state in zip(optimizers.all(), snapshot.optimizers, strict=True):
+        optimizer.load_state_dict(copy.deepcopy(state))
+    for scheduler, state in zip(schedulers, snapshot.schedulers, strict=True):
+        scheduler.load_state_dict(state)
+
+
+def _run_epoch(step, networks, optimizers, data, config, generator) -> dict[str, float] | None:
+    """One pass over ``data`` in a random order; None as soon as a loss is not finite."""
+    n = data.shape[0]
+    order = torch.randperm(n, generator=generator, device=data.device)
+    totals: dict[str, torch.Tensor] = {}
+    n_batches = 0
+    for start in range(0, n, config.batch_size):
+        metrics = step(networks, optimizers, data[order[start:start + config.batch_size]],
+                       config, generator)
+        if not all(torch.isfinite(v) for v in metrics.values()):
+            return None
+        for key, value in metrics.items():
+            totals[key] = totals.get(key, 0.0) + value
+        n_batches += 1
+    return {key: float(value) / n_batches for key, value in totals.items()}
+
+
+def train_networks(
+    networks: Networks,
+    data: torch.Tensor,
+    config: TrainConfig,
+    *,
+    generator: torch.Generator | None = None,
+    callbacks: Sequence[EpochCallback] = (),
+    verbose: int = 0,
+) -> TrainingHistory:
+    """Train ``networks`` in place on preprocessed ``data`` ``(n, ...)`` (already on the device).
+
+    After each epoch the metrics are checked; an epoch that produced a non-finite loss or
+    parameter is undone (networks, optimizers and schedules restored to the last good epoch)
+    and retried with half the learning rates. After ``config.max_rollbacks`` such retries
+    :class:`TrainingDivergedError` is raised, so a model that scores NaN is never returned.
+    ``callbacks`` are called as ``callback(epoch, metrics)`` after every good epoch.
+    """
+    if (config.objective == "triangle") != (networks.energy is not None):
+        raise ValueError("the triangle objective needs an energy network; the VAE has none")
+    step = triangle_step if config.objective == "triangle" else vae_step
+    optimizers = Optimizers.create(networks, config)
+    schedulers = [torch.optim.lr_scheduler.ExponentialLR(o, config.lr_decay)
+                  for o in optimizers.all()]
+    history = TrainingHistory()
+    networks.train()
+    good = _snapshot(networks, optimizers, schedulers)
+    progress = tqdm(total=config.epochs, desc=f"training ({config.objective})",
+                    disable=verbose == 0, leave=False)
+    epoch = 0
+    while epoch < config.epochs:
+        started = time.perf_counter()
+        metrics = _run_epoch(step, networks, optimizers, data, config, generator)
+        finite_params = metrics is not None and all(
+            torch.isfinite(p).all() for m in networks.modules() for p in m.parameters())
+        if not finite_params:
+            history.rollbacks += 1
+            if history.rollbacks > config.max_rollbacks:
+                progress.close()
+                raise TrainingDivergedError(
+                    f"training diverged at epoch {epoch + 1}: losses stayed non-finite after "
+                    f"{config.max_rollbacks} rollbacks with halved learning rates; lower the "
+                    "learning rates or raise decoder_sigma"
+                )
+            logger.warning("non-finite loss at epoch %d: rolling back, halving learning rates",
+                           epoch + 1)
+            _restore(good, networks, optimizers, schedulers)
+            optimizers.scale_lr(0.5)
+            continue
+        for scheduler in schedulers:
+            scheduler.step()
+        metrics["seconds"] = time.perf_counter() - started
+        metrics["epoch"] = epoch + 1
+        history.epochs.append(metrics)
+        good = _snapshot(networks, optimizers, schedulers)
+        for callback in callbacks:
+            callback(epoch + 1, metrics)
+        logger.debug("epoch %d: %s", epoch + 1, metrics)
+        progress.set_postfix({k: f"{v:.3g}" for k, v in metrics.items()
+                              if k in ("reconstruction", "energy_gap", "encoder_variance")})
+        progress.update(1)
+        epoch += 1
+    progress.close()
+    networks.train(False)
+    return history

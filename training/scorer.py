@@ -1,0 +1,78 @@
+"""The scoring graph: raw rows -> learned preprocessing -> mu(x) -> anomaly score.
+
+One module serves the estimator and the ONNX export, so both compute the same thing.
+Scoring is deterministic: it uses mu(x), never a sampled z.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from training import objectives
+from training.networks import Networks
+
+SCORE_RULES = ("energy", "joint", "reconstruction", "elbo")
+
+
+class AnomalyScorer(nn.Module):
+    """Anomaly score of raw flat rows; higher = more anomalous.
+
+    Parameters
+    ----------
+    networks : Networks
+        Fitted networks (``energy`` may be None for the VAE ablation).
+    shift, scale : Tensor of shape (n_features,)
+        Preprocessing learned in fit: ``x_model = (x_raw - shift) / scale``.
+    input_shape : tuple of int
+        Shape of one preprocessed sample, ``(d,)`` or ``(C, H, W)``.
+    rule : {"energy", "joint", "reconstruction", "elbo"}
+        ``energy`` = E(x, mu); ``reconstruction`` = -log p(x | mu);
+        ``joint`` = E(x, mu) - log p(x | mu) - log p(mu) (the energy term is dropped for the VAE);
+        ``elbo`` = -log p(x | mu) + KL(q(z|x) || p(z)).
+    decoder_sigma : float
+        Standard deviation of p(x|z) used in training.
+    """
+
+    def __init__(self, networks: Networks, shift: torch.Tensor, scale: torch.Tensor,
+                 input_shape: tuple[int, ...], rule: str, decoder_sigma: float) -> None:
+        super().__init__()
+        if rule not in SCORE_RULES:
+            raise ValueError(f"score must be one of {SCORE_RULES}, got {rule!r}")
+        if rule == "energy" and networks.energy is None:
+            raise ValueError("score='energy' needs the triangle objective (the VAE has no energy)")
+        self.encoder = networks.encoder
+        self.generator = networks.generator
+        self.energy = networks.energy
+        self.register_buffer("shift", shift.reshape(-1).clone())
+        self.register_buffer("scale", scale.reshape(-1).clone())
+        self.input_shape = tuple(input_shape)
+        self.rule = rule
+        self.decoder_sigma = float(decoder_sigma)
+
+    @property
+    def networks(self) -> Networks:
+        return Networks(self.encoder, self.generator, self.energy)
+
+    def preprocess(self, x_raw: torch.Tensor) -> torch.Tensor:
+        """``(n, n_features)`` raw -> ``(n, *input_shape)`` model space."""
+        return ((x_raw - self.shift) / self.scale).reshape(-1, *self.input_shape)
+
+    def postprocess(self, x_model: torch.Tensor) -> torch.Tensor:
+        """``(n, *input_shape)`` model space -> ``(n, n_features)`` raw units."""
+        return x_model.flatten(1) * self.scale + self.shift
+
+    def forward(self, x_raw: torch.Tensor) -> torch.Tensor:
+        x = self.preprocess(x_raw)
+        mu, logvar = self.encoder(x)                                   # (n, k) each
+        if self.rule == "energy":
+            return self.energy(x, mu)
+        recon = objectives.reconstruction_nll(x, self.generator(mu), self.decoder_sigma)
+        if self.rule == "reconstruction":
+            return recon
+        if self.rule == "elbo":
+            return recon + objectives.kl_to_prior(mu, logvar)
+        score = recon + objectives.prior_nll(mu)
+        if self.energy is not None:
+            score = score + self.energy(x, mu)
+        return score
