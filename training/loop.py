@@ -44,8 +44,9 @@ class Optimizers:
     @classmethod
     def create(cls, networks: Networks, config: TrainConfig) -> Optimizers:
         def adam(module: nn.Module, lr: float, weight_decay: float) -> torch.optim.Adam:
+            # fused: one kernel per step instead of one per tensor (CPU and CUDA).
             return torch.optim.Adam(module.parameters(), lr=lr, betas=config.betas,
-                                    weight_decay=weight_decay)
+                                    weight_decay=weight_decay, fused=True)
 
         return cls(
             encoder=adam(networks.encoder, config.lr, config.weight_decay),
@@ -67,6 +68,84 @@ def _clip(module: nn.Module, max_norm: float | None) -> None:
         nn.utils.clip_grad_norm_(module.parameters(), max_norm)
 
 
+@dataclass
+class Pairs:
+    """One minibatch's draws: data pairs (x, z_q) and model pairs (x_p, z_p), with graphs."""
+
+    mu: torch.Tensor       # (n, k)
+    logvar: torch.Tensor   # (n, k)
+    z_q: torch.Tensor      # (n, k), reparameterised sample of q(z|x)
+    z_p: torch.Tensor      # (n, k), prior sample
+    x_rec: torch.Tensor    # like x, g(z_q)
+    x_p: torch.Tensor      # like x, g(z_p)
+
+
+def draw_pairs(networks: Networks, x: torch.Tensor,
+               generator: torch.Generator | None = None) -> Pairs:
+    n = x.shape[0]
+    mu, logvar = networks.encoder(x)
+    z_q = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=generator,
+                                                     device=mu.device, dtype=mu.dtype)
+    z_p = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+    # One generator call for both latents: fewer, larger kernels.
+    x_rec, x_p = networks.generator(torch.cat([z_q, z_p])).split(n)
+    return Pairs(mu, logvar, z_q, z_p, x_rec, x_p)
+
+
+def _energies(energy: nn.Module, x: torch.Tensor, pairs: Pairs,
+              detach: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """E(x, z_q) and E(x_p, z_p) in one critic call (one spectral-norm power iteration)."""
+    x_p, z_q = (pairs.x_p.detach(), pairs.z_q.detach()) if detach else (pairs.x_p, pairs.z_q)
+    energies = energy(torch.cat([x, x_p]), torch.cat([z_q, pairs.z_p]))
+    return energies[: x.shape[0]], energies[x.shape[0]:]
+
+
+def ebm_update(networks: Networks, optimizers: Optimizers, x: torch.Tensor, pairs: Pairs,
+               config: TrainConfig) -> torch.Tensor:
+    """Step 1: data pairs down, model pairs up. Inputs are detached, so only alpha moves."""
+    energy_data, energy_model = _energies(networks.energy, x, pairs, detach=True)
+    loss = objectives.ebm_loss(energy_data, energy_model)
+    optimizers.energy.zero_grad(set_to_none=True)
+    loss.backward(inputs=list(networks.energy.parameters()))
+    _clip(networks.energy, config.grad_clip)
+    optimizers.energy.step()
+    return loss.detach()
+
+
+def encoder_generator_losses(networks: Networks, x: torch.Tensor, pairs: Pairs,
+                             config: TrainConfig) -> dict[str, torch.Tensor]:
+    """Steps 2 and 3 as one differentiable objective, ``fused``.
+
+    ``fused = inference_loss + mean E(g(z_p), z_p)``. Its gradient in phi is that of the
+    inference loss (E(g(z_p), z_p) does not depend on phi) and its gradient in theta is that
+    of the generator loss (the -/+ E(x, z_q) and entropy terms do not depend on theta, and the
+    reconstruction term appears once in each). z_q and z_p are drawn once per minibatch, so
+    the encoder update changes nothing the generator loss reads: one backward pass through
+    ``fused`` equals the authors' encoder-then-generator updates.
+    """
+    energy_data, energy_model = _energies(networks.energy, x, pairs, detach=False)
+    loss_inference = objectives.inference_loss(x, pairs.x_rec, pairs.z_q, pairs.logvar,
+                                               energy_data, config.decoder_sigma,
+                                               config.inference_loss)
+    return {"fused": loss_inference + energy_model.mean(), "inference": loss_inference,
+            "energy_data": energy_data, "energy_model": energy_model}
+
+
+def encoder_generator_update(networks: Networks, optimizers: Optimizers, x: torch.Tensor,
+                             pairs: Pairs, config: TrainConfig) -> dict[str, torch.Tensor]:
+    """Steps 2 and 3 against the updated critic; the critic's parameters do not move."""
+    losses = encoder_generator_losses(networks, x, pairs, config)
+    optimizers.encoder.zero_grad(set_to_none=True)
+    optimizers.generator.zero_grad(set_to_none=True)
+    losses["fused"].backward(inputs=list(networks.encoder.parameters())
+                             + list(networks.generator.parameters()))
+    _clip(networks.encoder, config.grad_clip)
+    _clip(networks.generator, config.grad_clip)
+    optimizers.encoder.step()
+    optimizers.generator.step()
+    return losses
+
+
 def triangle_step(
     networks: Networks,
     optimizers: Optimizers,
@@ -74,59 +153,23 @@ def triangle_step(
     config: TrainConfig,
     generator: torch.Generator | None = None,
 ) -> dict[str, torch.Tensor]:
-    """One divergence-triangle update on a minibatch, in the authors' order: EBM, encoder,
-    generator. Returns detached scalar metrics.
-
-    The encoder and generator steps share one backward pass. That is exact, not an
-    approximation: z_q and z_p are drawn once per minibatch, the encoder step does not change
-    anything the generator loss reads, and each network receives only the gradient of its own
-    loss (``inference_loss + mean E(g(z_p), z_p)`` differentiates to the inference loss in phi,
-    whose parameters E(g(z_p), z_p) does not touch, and to the generator loss in theta, which
-    the -/+ E(x, z_q) and entropy terms do not touch).
-    """
-    encoder, decoder, energy = networks.encoder, networks.generator, networks.energy
-    assert energy is not None and optimizers.energy is not None
-    sigma = config.decoder_sigma
-
-    mu, logvar = encoder(x)                                            # (n, k) each
-    z_q = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=generator,
-                                                     device=mu.device, dtype=mu.dtype)
-    z_p = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
-    x_rec = decoder(z_q)                                               # like x
-    x_p = decoder(z_p)                                                 # like x
-
-    # 1. EBM: data pairs down, model pairs up. Inputs detached: only alpha moves.
-    loss_ebm = objectives.ebm_loss(energy(x, z_q.detach()), energy(x_p.detach(), z_p))
-    optimizers.energy.zero_grad(set_to_none=True)
-    loss_ebm.backward(inputs=list(energy.parameters()))
-    _clip(energy, config.grad_clip)
-    optimizers.energy.step()
-
-    # 2. + 3. Encoder and generator against the updated EBM (see docstring).
-    energy_data = energy(x, z_q)
-    energy_model = energy(x_p, z_p)
-    loss_inference = objectives.inference_loss(x, x_rec, z_q, logvar, energy_data, sigma,
-                                               config.inference_loss)
-    encoder_and_generator = list(encoder.parameters()) + list(decoder.parameters())
-    optimizers.encoder.zero_grad(set_to_none=True)
-    optimizers.generator.zero_grad(set_to_none=True)
-    (loss_inference + energy_model.mean()).backward(inputs=encoder_and_generator)
-    _clip(encoder, config.grad_clip)
-    _clip(decoder, config.grad_clip)
-    optimizers.encoder.step()
-    optimizers.generator.step()
-
+    """One divergence-triangle update on a minibatch in the authors' order (EBM, encoder,
+    generator). Returns detached scalar metrics."""
+    pairs = draw_pairs(networks, x, generator)
+    loss_ebm = ebm_update(networks, optimizers, x, pairs, config)
+    losses = encoder_generator_update(networks, optimizers, x, pairs, config)
     with torch.no_grad():
-        recon = objectives.reconstruction_nll(x, x_rec, sigma).mean()
+        recon = objectives.reconstruction_nll(x, pairs.x_rec, config.decoder_sigma).mean()
+        energy_data, energy_model = losses["energy_data"].mean(), losses["energy_model"].mean()
         return {
-            "loss_ebm": loss_ebm.detach(),
-            "loss_inference": loss_inference.detach(),
-            "loss_generator": recon + energy_model.mean().detach(),
+            "loss_ebm": loss_ebm,
+            "loss_inference": losses["inference"].detach(),
+            "loss_generator": recon + energy_model,
             "reconstruction": recon,
-            "energy_data": energy_data.mean().detach(),
-            "energy_model": energy_model.mean().detach(),
-            "energy_gap": (energy_model.mean() - energy_data.mean()).detach(),
-            "encoder_variance": logvar.exp().mean().detach(),
+            "energy_data": energy_data,
+            "energy_model": energy_model,
+            "energy_gap": energy_model - energy_data,
+            "encoder_variance": pairs.logvar.exp().mean(),
         }
 
 

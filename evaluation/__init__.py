@@ -1,0 +1,1 @@
+"""Benchmarks: datasets, protocols, peers, metrics, reports and the ``divtri`` CLI."""

@@ -1,0 +1,33 @@
+"""Train/test splits of DESIGN.md section 5."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Split:
+    """Training rows (labels unused) and test rows with ``y_test`` 1 = anomaly."""
+
+    X_train: np.ndarray
+    X_test: np.ndarray
+    y_test: np.ndarray
+
+
+def held_out_class(X: np.ndarray, y: np.ndarray, held_out: int, *,
+                   shuffle_seed: int = 42, train_fraction: float = 0.8) -> Split:
+    """The papers' protocol: every class but ``held_out`` is normal; normals are shuffled with
+    ``RandomState(shuffle_seed)``, the first ``train_fraction`` train; the test set is the other
+    normals followed by every sample of the held-out class (the positives)."""
+    if held_out not in set(np.unique(y).tolist()):
+        raise ValueError(f"class {held_out} does not occur in y")
+    normal = X[y != held_out]
+    order = np.random.RandomState(shuffle_seed).permutation(len(normal))
+    n_train = int(train_fraction * len(normal))
+    anomalous = X[y == held_out]
+    X_test = np.concatenate([normal[order[n_train:]], anomalous])
+    y_test = np.concatenate([np.zeros(len(normal) - n_train, dtype=np.int64),
+                             np.ones(len(anomalous), dtype=np.int64)])
+    return Split(normal[order[:n_train]], X_test, y_test)

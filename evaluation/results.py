@@ -1,0 +1,57 @@
+"""Resumable result files and summary tables (pandas)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+KEY = ("dataset", "target", "seed", "method")
+
+
+class ResultLog:
+    """Rows appended to a CSV as soon as each finishes; a rerun skips the keys already there."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._done: set[tuple[str, ...]] = set()
+        if self.path.is_file() and self.path.stat().st_size:
+            existing = pd.read_csv(self.path, dtype=str)
+            self._done = {tuple(row) for row in existing[list(KEY)].itertuples(index=False)}
+
+    @staticmethod
+    def key(**values) -> tuple[str, ...]:
+        return tuple(str(values[k]) for k in KEY)
+
+    def done(self, **values) -> bool:
+        return self.key(**values) in self._done
+
+    def append(self, row: dict) -> None:
+        frame = pd.DataFrame([row])
+        write_header = not self.path.is_file() or not self.path.stat().st_size
+        frame.to_csv(self.path, mode="a", header=write_header, index=False)
+        self._done.add(self.key(**row))
+
+    def frame(self) -> pd.DataFrame:
+        return pd.read_csv(self.path) if self.path.is_file() else pd.DataFrame()
+
+
+def summary(frame: pd.DataFrame, metrics: tuple[str, ...] = ("auroc", "auprc")) -> pd.DataFrame:
+    """Mean and std over everything but the method, one row per method, best AUROC first."""
+    grouped = frame.groupby("method")[list(metrics)]
+    table = grouped.mean().add_suffix("_mean").join(grouped.std().add_suffix("_std"))
+    table["runs"] = frame.groupby("method").size()
+    return table.sort_values(f"{metrics[0]}_mean", ascending=False)
+
+
+def per_target(frame: pd.DataFrame, metric: str = "auroc") -> pd.DataFrame:
+    """Mean over seeds: targets (held-out class or dataset) as rows, methods as columns."""
+    return frame.pivot_table(index="target", columns="method", values=metric, aggfunc="mean")
+
+
+def write_tables(tables: dict[str, pd.DataFrame], out_dir: str | Path) -> None:
+    out_dir = Path(out_dir)
+    for name, table in tables.items():
+        table.to_csv(out_dir / f"{name}.csv")
+        (out_dir / f"{name}.md").write_text(table.to_markdown(floatfmt=".3f") + "\n")

@@ -1,0 +1,40 @@
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.parametrize import is_parametrized
+
+from training import NetworkConfig, build_networks
+
+
+@pytest.mark.parametrize("shape", [(7,), (1, 28, 28), (3, 32, 32), (2, 12, 20)])
+def test_shapes(shape):
+    config = NetworkConfig(input_shape=shape, latent_dim=3, width=4, depth=2)
+    nets = build_networks(config)
+    x = torch.randn(5, *shape)
+    mu, logvar = nets.encoder(x)
+    assert mu.shape == logvar.shape == (5, 3)
+    assert nets.generator(mu).shape == x.shape
+    energy = nets.energy(x, mu)
+    assert energy.shape == (5,)
+    assert (energy >= 0).all()  # softplus
+
+
+def test_image_side_must_divide():
+    with pytest.raises(ValueError, match="divisible"):
+        NetworkConfig(input_shape=(1, 30, 30), depth=2)
+
+
+def test_spectral_norm_on_every_energy_layer_and_freeze():
+    nets = build_networks(NetworkConfig(input_shape=(1, 8, 8), width=4, depth=2))
+    layers = [m for m in nets.energy.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    assert layers and all(is_parametrized(m, "weight") for m in layers)
+    x, z = torch.randn(4, 1, 8, 8), torch.randn(4, 16)
+    nets.energy.eval()
+    before = nets.energy(x, z)
+    nets.freeze_spectral_norm()
+    assert not any(is_parametrized(m) for m in layers)
+    torch.testing.assert_close(nets.energy(x, z), before)
+    # the frozen weights are the normalised ones: largest singular value 1
+    linear = [m for m in layers if isinstance(m, nn.Linear)][0]
+    sigma_max = torch.linalg.matrix_norm(linear.weight.detach(), ord=2).item()
+    assert sigma_max == pytest.approx(1.0, rel=0.05)
