@@ -50,19 +50,23 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
     ----------
     objective : {"triangle", "vae"}, default="triangle"
         ``"vae"`` trains the same encoder and generator as a plain VAE (the ablation).
-    score : {"joint", "energy", "reconstruction", "elbo"}, default="joint"
-        Anomaly score: ``"energy"`` = E(x, mu(x)); ``"joint"`` = E(x, mu) + reconstruction
+    score_rule : {"joint", "energy", "reconstruction", "elbo"}, default="joint"
+        Anomaly score (named ``score_rule`` because scikit-learn reserves ``score`` for a
+        method): ``"energy"`` = E(x, mu(x)); ``"joint"`` = E(x, mu) + reconstruction
         error + ||mu||^2 / 2; ``"reconstruction"``; ``"elbo"`` = negative ELBO at mu.
     inference_loss : {"kl_plus", "kl_minus"}, default="kl_plus"
         Encoder objective: ``"kl_plus"`` minimises KL(Q||P) + KL(Q||Pi); ``"kl_minus"``
         (the authors' code) KL(Q||P) - KL(Q||Pi), which collapses the encoder variance.
-    latent_dim : int, default=16
+    latent_dim : int, default=4
+        A small latent space keeps anomalies from being reconstructed well; 4 measured best
+        of 2/4/8/16 on the digits benchmark.
     width : int or None, default=None
-        Hidden units (MLP) or first-stage channels (conv); None = 256 / 32.
+        Hidden units (MLP) or first-stage channels (conv); None = 128 / 32.
     depth : int, default=2
         Hidden layers (MLP) or stride-2 stages (conv).
     energy_width : int or None, default=None
-        Width of the energy network; None = ``width``.
+        Width of the energy network; None = ``width // 2``, which halves the cost of the
+        critic at no measured loss of accuracy.
     epochs : int, default=100
     batch_size : int, default=64
     learning_rate : float, default=3e-4
@@ -114,9 +118,9 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
         self,
         *,
         objective: str = "triangle",
-        score: str = "joint",
+        score_rule: str = "joint",
         inference_loss: str = "kl_plus",
-        latent_dim: int = 16,
+        latent_dim: int = 4,
         width: int | None = None,
         depth: int = 2,
         energy_width: int | None = None,
@@ -134,7 +138,7 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
         verbose: int = 0,
     ) -> None:
         self.objective = objective
-        self.score = score
+        self.score_rule = score_rule
         self.inference_loss = inference_loss
         self.latent_dim = latent_dim
         self.width = width
@@ -155,10 +159,12 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
 
     # ------------------------------------------------------------------ fitting
     def _check_params(self) -> None:
-        if self.score not in SCORE_RULES:
-            raise ValueError(f"score must be one of {SCORE_RULES}, got {self.score!r}")
-        if self.objective == "vae" and self.score == "energy":
-            raise ValueError("score='energy' needs objective='triangle': the VAE has no energy")
+        if self.score_rule not in SCORE_RULES:
+            raise ValueError(f"score_rule must be one of {SCORE_RULES}, "
+                             f"got {self.score_rule!r}")
+        if self.objective == "vae" and self.score_rule == "energy":
+            raise ValueError("score_rule='energy' needs objective='triangle': "
+                             "the VAE has no energy")
         if isinstance(self.contamination, str):
             if self.contamination != "auto":
                 raise ValueError(f"contamination must be 'auto' or a float in (0, 0.5], "
@@ -184,10 +190,10 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
 
     def _network_config(self, input_shape: tuple[int, ...]) -> NetworkConfig:
         is_image = len(input_shape) == 3
-        width = self.width if self.width is not None else (32 if is_image else 256)
+        width = int(self.width if self.width is not None else (32 if is_image else 128))
+        energy_width = self.energy_width if self.energy_width is not None else max(width // 2, 1)
         return NetworkConfig(input_shape=input_shape, latent_dim=int(self.latent_dim),
-                             width=int(width), depth=int(self.depth),
-                             energy_width=self.energy_width)
+                             width=width, depth=int(self.depth), energy_width=int(energy_width))
 
     def _train_config(self) -> TrainConfig:
         return TrainConfig(
@@ -257,7 +263,7 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
         networks.to("cpu", torch.float64)
         self.scorer_ = AnomalyScorer(
             networks, torch.from_numpy(shift), torch.from_numpy(scale), input_shape,
-            self.score, train_config.decoder_sigma).eval()
+            self.score_rule, train_config.decoder_sigma).eval()
         self.training_history_ = history.epochs
         self.n_rollbacks_ = history.rollbacks
 

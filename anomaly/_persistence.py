@@ -97,7 +97,8 @@ def load_detector(cls, path: str | Path):
                          "file is corrupted or was modified")
     weights = load_file(str(weights_path))
     fitted = config["fitted"]
-    detector = cls(**config["params"])
+    detector = cls(**{k: tuple(v) if isinstance(v, list) else v
+                      for k, v in config["params"].items()})
     input_shape = tuple(fitted["input_shape"])
     network_config = detector._network_config(input_shape)
     network_config = type(network_config)(**{**network_config.to_dict(),
@@ -106,7 +107,7 @@ def load_detector(cls, path: str | Path):
     networks = build_networks(network_config, with_energy=detector.objective == "triangle")
     training_mean = weights.pop("training_mean").numpy()
     scorer = AnomalyScorer(networks, weights["shift"], weights["scale"], input_shape,
-                           detector.score, detector.decoder_sigma).to(torch.float64)
+                           detector.score_rule, detector.decoder_sigma).to(torch.float64)
     scorer.load_state_dict(weights, strict=True)
     detector.scorer_ = scorer.eval()
     detector.input_shape_ = input_shape

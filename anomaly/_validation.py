@@ -26,9 +26,12 @@ def image_shape_tuple(image_shape) -> tuple[int, int, int]:
 def _sample_shape(X) -> tuple[int, ...] | None:
     """The per-sample shape of an image batch ``(n, H, W)`` / ``(n, C, H, W)``, else None."""
     ndim = getattr(X, "ndim", None)
-    if ndim is None:
-        ndim = np.ndim(X)
-    if ndim <= 2:
+    if ndim is None and isinstance(X, (list, tuple)):
+        try:
+            ndim = np.asarray(X).ndim
+        except ValueError:  # ragged: validate_data reports it
+            return None
+    if ndim is None or ndim <= 2:
         return None
     if ndim > 4:
         raise ValueError(f"expected 2-D rows or images (n, H, W) / (n, C, H, W); got {ndim}-D "

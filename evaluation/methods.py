@@ -11,11 +11,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 from sklearn.ensemble import IsolationForest
 from sklearn.neighbors import LocalOutlierFactor
 from sklearn.svm import OneClassSVM
 
 from anomaly import LatentEBMDetector
+from training import SCORE_RULES, AnomalyScorer
 
 SKLEARN_PEERS = ("isolation_forest", "lof", "ocsvm")
 PYOD_PEERS = ("pyod_knn", "pyod_ecod", "pyod_copod", "pyod_hbos", "pyod_pca", "pyod_vae")
@@ -37,8 +39,8 @@ def _ours(objective: str, seed: int, options: MethodOptions) -> LatentEBMDetecto
         params["epochs"] = options.epochs
     if options.image_shape is not None:
         params["image_shape"] = options.image_shape
-    if objective == "vae" and params.get("score", "joint") == "energy":
-        params["score"] = "joint"
+    if objective == "vae" and params.get("score_rule") == "energy":
+        params["score_rule"] = "joint"
     return LatentEBMDetector(objective=objective, random_state=seed, **params)
 
 
@@ -80,6 +82,22 @@ def anomaly_scores(method: Any, X: np.ndarray) -> np.ndarray:
     if hasattr(method, "score_samples") and not hasattr(method, "decision_scores_"):
         return -np.asarray(method.score_samples(X), dtype=np.float64)
     return np.asarray(method.decision_function(X), dtype=np.float64)  # PyOD convention
+
+
+def scores_by_rule(detector: LatentEBMDetector, X: np.ndarray) -> dict[str, np.ndarray]:
+    """Anomaly scores of one fitted detector under every score rule it supports (one fit,
+    so the rules are compared on identical networks)."""
+    fitted = detector.scorer_
+    rows = torch.as_tensor(flat(X), dtype=torch.float64)
+    out = {}
+    for rule in SCORE_RULES:
+        if rule == "energy" and fitted.energy is None:
+            continue
+        scorer = AnomalyScorer(fitted.networks, fitted.shift, fitted.scale, fitted.input_shape,
+                               rule, fitted.decoder_sigma)
+        with torch.no_grad():
+            out[rule] = scorer(rows).numpy()
+    return out
 
 
 def flat(X: np.ndarray) -> np.ndarray:

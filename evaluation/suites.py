@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from anomaly import LatentEBMDetector
 from evaluation import datasets, protocols
-from evaluation.methods import MethodOptions, anomaly_scores, flat, make_method
+from evaluation.methods import MethodOptions, anomaly_scores, flat, make_method, scores_by_rule
 from evaluation.metrics import detection_metrics
 from evaluation.results import ResultLog
 
@@ -44,10 +45,14 @@ def held_out_class_suite(
         started = time.perf_counter()
         method.fit(flat(split.X_train))
         fit_seconds = time.perf_counter() - started
-        scores = anomaly_scores(method, flat(split.X_test))
-        log.append({"dataset": dataset, "target": held_out, "seed": seed, "method": name,
-                    **detection_metrics(split.y_test, scores),
-                    "fit_seconds": round(fit_seconds, 2)})
+        scored = {name: anomaly_scores(method, flat(split.X_test))}
+        if isinstance(method, LatentEBMDetector):
+            scored.update({f"{name}[{rule}]": scores for rule, scores in
+                           scores_by_rule(method, flat(split.X_test)).items()})
+        for method_name, scores in scored.items():
+            log.append({"dataset": dataset, "target": held_out, "seed": seed,
+                        "method": method_name, **detection_metrics(split.y_test, scores),
+                        "fit_seconds": round(fit_seconds, 2)})
 
 
 def digits_suite(out: Path, *, classes, seeds, methods, options, verbose=True) -> ResultLog:

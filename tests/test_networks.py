@@ -35,6 +35,6 @@ def test_spectral_norm_on_every_energy_layer_and_freeze():
     assert not any(is_parametrized(m) for m in layers)
     torch.testing.assert_close(nets.energy(x, z), before)
     # the frozen weights are the normalised ones: largest singular value 1
-    linear = [m for m in layers if isinstance(m, nn.Linear)][0]
+    linear = next(m for m in layers if isinstance(m, nn.Linear))
     sigma_max = torch.linalg.matrix_norm(linear.weight.detach(), ord=2).item()
     assert sigma_max == pytest.approx(1.0, rel=0.05)

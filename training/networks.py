@@ -6,6 +6,7 @@ images ``(n, C, H, W)`` for the conv variant. Each conv stage halves H and W.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -25,14 +26,14 @@ def _act() -> nn.Module:
 def _mlp(sizes: list[int]) -> list[nn.Module]:
     """Linear layers with activations between them and after the last one."""
     layers: list[nn.Module] = []
-    for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=True):
+    for n_in, n_out in itertools.pairwise(sizes):
         layers += [nn.Linear(n_in, n_out), _act()]
     return layers
 
 
 def _conv_down(channels: list[int]) -> list[nn.Module]:
     layers: list[nn.Module] = []
-    for c_in, c_out in zip(channels[:-1], channels[1:], strict=True):
+    for c_in, c_out in itertools.pairwise(channels):
         layers += [nn.Conv2d(c_in, c_out, 4, stride=2, padding=1), _act()]
     return layers
 
@@ -42,7 +43,7 @@ def _stage_channels(config: NetworkConfig, width: int) -> list[int]:
 
 
 def _feature_map(config: NetworkConfig, width: int) -> tuple[int, int, int]:
-    channels, height, width_px = config.input_shape
+    _channels, height, width_px = config.input_shape
     step = 2**config.depth
     return width * 2 ** (config.depth - 1), height // step, width_px // step
 
@@ -79,7 +80,7 @@ class Generator(nn.Module):
             channels = _stage_channels(config, config.width)[::-1]
             layers: list[nn.Module] = [nn.Linear(config.latent_dim, c * h * w), _act(),
                                        nn.Unflatten(1, (c, h, w))]
-            for c_in, c_out in zip(channels[:-1], channels[1:], strict=True):
+            for c_in, c_out in itertools.pairwise(channels):
                 layers += [nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1), _act()]
             layers[-1] = nn.Tanh()
         else:

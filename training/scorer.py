@@ -38,9 +38,10 @@ class AnomalyScorer(nn.Module):
                  input_shape: tuple[int, ...], rule: str, decoder_sigma: float) -> None:
         super().__init__()
         if rule not in SCORE_RULES:
-            raise ValueError(f"score must be one of {SCORE_RULES}, got {rule!r}")
+            raise ValueError(f"score_rule must be one of {SCORE_RULES}, got {rule!r}")
         if rule == "energy" and networks.energy is None:
-            raise ValueError("score='energy' needs the triangle objective (the VAE has no energy)")
+            raise ValueError("score_rule='energy' needs the triangle objective "
+                             "(the VAE has no energy)")
         self.encoder = networks.encoder
         self.generator = networks.generator
         self.energy = networks.energy

@@ -1,0 +1,199 @@
+import pickle
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from anomaly import LatentEBMDetector
+from tests.conftest import TINY
+
+
+def _fit(X, **params):
+    return LatentEBMDetector(**{**TINY, "random_state": 0, **params}).fit(X)
+
+
+def test_scores_api_and_sign(tabular):
+    det = _fit(tabular)
+    scores = det.score_samples(tabular)
+    assert scores.dtype == np.float64 and scores.shape == (len(tabular),)
+    np.testing.assert_array_equal(det.anomaly_score(tabular), -scores)
+    np.testing.assert_allclose(det.decision_function(tabular), scores - det.offset_)
+    np.testing.assert_array_equal(det.predict(tabular),
+                                  np.where(scores < det.offset_, -1, 1))
+
+
+def test_separates_a_shifted_cluster():
+    rng = np.random.RandomState(0)
+    normal = rng.normal(size=(400, 6))
+    far = rng.normal(loc=4.0, size=(40, 6))
+    det = LatentEBMDetector(latent_dim=2, width=32, epochs=15, random_state=0).fit(normal)
+    test = np.vstack([rng.normal(size=(200, 6)), far])
+    truth = np.r_[np.zeros(200), np.ones(40)]
+    assert roc_auc_score(truth, det.anomaly_score(test)) > 0.95
+    assert (det.predict(far) == -1).mean() > 0.9
+
+
+@pytest.mark.parametrize("contamination", [0.05, 0.2])
+def test_contamination_sets_training_outlier_fraction(tabular, contamination):
+    det = _fit(tabular, contamination=contamination)
+    assert (det.predict(tabular) == -1).mean() == pytest.approx(contamination, abs=1 / 80)
+
+
+def test_auto_contamination_is_tukey_fence(tabular):
+    det = _fit(tabular)
+    q1, q3 = np.percentile(det.score_samples(tabular), [25, 75])
+    assert det.offset_ == pytest.approx(q1 - 1.5 * (q3 - q1))
+
+
+def test_reproducible_with_random_state(tabular):
+    a = _fit(tabular).score_samples(tabular)
+    np.testing.assert_array_equal(a, _fit(tabular).score_samples(tabular))
+    assert not np.array_equal(a, _fit(tabular, random_state=1).score_samples(tabular))
+
+
+def test_scores_do_not_depend_on_batch(tabular):
+    det = _fit(tabular)
+    full = det.score_samples(tabular)
+    parts = np.concatenate([det.score_samples(tabular[i:i + 7]) for i in range(0, 80, 7)])
+    np.testing.assert_allclose(parts, full, rtol=1e-12)
+
+
+@pytest.mark.parametrize("layout", ["nhw", "nchw", "rows"])
+def test_image_inputs_all_reach_the_conv_model(images, layout):
+    if layout == "nhw":
+        X, params = images, {}
+    elif layout == "nchw":
+        X, params = images[:, None], {}
+    else:
+        X, params = images.reshape(len(images), -1), {"image_shape": (8, 8)}
+    det = _fit(X, **params)
+    assert det.input_shape_ == (1, 8, 8)
+    assert det.n_features_in_ == 64
+    # Every layout of the same images scores identically: 2-D rows feed the image model.
+    expected = det.score_samples(X)
+    for other in (images, images[:, None], images.reshape(len(images), -1)):
+        np.testing.assert_array_equal(det.score_samples(other), expected)
+
+
+def test_rgb_images(images):
+    rgb = np.stack([images, images[::-1], images], axis=1)  # (n, 3, 8, 8)
+    det = _fit(rgb)
+    assert det.input_shape_ == (3, 8, 8)
+    assert det.reconstruct(rgb[:2]).shape == (2, 3, 8, 8)
+
+
+def test_dataframe_keeps_feature_names(tabular):
+    frame = pd.DataFrame(tabular, columns=list("abcde"))
+    det = _fit(frame)
+    assert list(det.feature_names_in_) == list("abcde")
+    with pytest.warns(UserWarning, match="feature names"):
+        unnamed = det.score_samples(frame.to_numpy())
+    np.testing.assert_array_equal(det.score_samples(frame), unnamed)
+
+
+@pytest.mark.parametrize("params", [{}, {"objective": "vae", "score_rule": "elbo"},
+                                    {"image_shape": (8, 8)}])
+def test_save_load_round_trip(tmp_path, images, params):
+    X = images.reshape(len(images), -1).astype(float)
+    det = _fit(X, **params)
+    det.save(tmp_path / "model")
+    loaded = LatentEBMDetector.load(tmp_path / "model")
+    np.testing.assert_array_equal(loaded.score_samples(X), det.score_samples(X))
+    np.testing.assert_array_equal(loaded.predict(X), det.predict(X))
+    assert loaded.get_params() == det.get_params()
+    np.testing.assert_array_equal(loaded.reconstruct(X[:3]), det.reconstruct(X[:3]))
+
+
+def test_saved_artifact_has_no_pickle_and_detects_tampering(tmp_path, tabular):
+    directory = _fit(tabular).save(tmp_path / "model")
+    assert sorted(p.name for p in directory.iterdir()) == ["detector.json",
+                                                           "weights.safetensors"]
+    weights = directory / "weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="checksum"):
+        LatentEBMDetector.load(directory)
+    with pytest.raises(FileNotFoundError, match="no saved detector"):
+        LatentEBMDetector.load(tmp_path / "missing")
+
+
+def test_pickle_round_trip(tabular):
+    det = _fit(tabular)
+    clone = pickle.loads(pickle.dumps(det))
+    np.testing.assert_array_equal(clone.score_samples(tabular), det.score_samples(tabular))
+
+
+def test_reconstruct_sample_inpaint(images):
+    X = images.astype(float)
+    det = _fit(X)
+    assert det.reconstruct(X[:4]).shape == (4, 8, 8)
+    assert det.sample(5).shape == (5, 8, 8)
+    assert det.sample(2, langevin_steps=3, random_state=0).shape == (2, 8, 8)
+    np.testing.assert_array_equal(det.sample(3, random_state=1), det.sample(3, random_state=1))
+    assert det.encode(X[:3]).shape == (3, 2)
+
+    rng = np.random.RandomState(0)
+    mask = rng.rand(*X[:6].shape) < 0.5
+    corrupted = np.where(mask, np.nan, X[:6])
+    filled = det.inpaint(corrupted, mask, n_iter=3)
+    assert np.isfinite(filled).all()
+    np.testing.assert_array_equal(filled[~mask], X[:6][~mask])
+    refined = det.inpaint(corrupted, mask, n_iter=2, langevin_steps=2, random_state=0)
+    np.testing.assert_array_equal(refined[~mask], X[:6][~mask])
+
+
+def test_inpaint_validates_mask(tabular):
+    det = _fit(tabular)
+    with pytest.raises(TypeError, match="boolean"):
+        det.inpaint(tabular, np.zeros(tabular.shape))
+    with pytest.raises(ValueError, match="shape"):
+        det.inpaint(tabular, np.zeros((3, 5), dtype=bool))
+    observed_nan = tabular.copy()
+    observed_nan[0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        det.inpaint(observed_nan, np.zeros(tabular.shape, dtype=bool))
+
+
+@pytest.mark.parametrize(("bad", "error", "message"), [
+    (np.array([[1.0, np.nan]] * 3), ValueError, "NaN"),
+    (np.array([[1.0, np.inf]] * 3), ValueError, "infinity"),
+    (np.empty((0, 2)), ValueError, "0 sample"),
+    (np.ones(4), ValueError, "Expected 2D array"),
+    (np.array([["a", "b"]] * 3), ValueError, "string|could not convert"),
+    (np.array([[1.0, "x"]] * 3, dtype=object), ValueError, "could not convert"),
+    (np.ones((3, 2)) + 1j, ValueError, "[Cc]omplex"),
+    (np.ones((2, 2, 2, 2, 2)), ValueError, "5-D"),
+])
+def test_bad_training_input(bad, error, message):
+    with pytest.raises(error, match=message):
+        LatentEBMDetector(**TINY).fit(bad)
+
+
+def test_bad_scoring_input(tabular, images):
+    det = _fit(tabular)
+    with pytest.raises(ValueError, match="X has 3 features, but LatentEBMDetector is expecting 5"):
+        det.score_samples(tabular[:, :3])
+    with pytest.raises(ValueError, match="NaN"):
+        det.predict(np.full((2, 5), np.nan))
+    image_det = _fit(images)
+    with pytest.raises(ValueError, match=r"shape \(6, 6\).*\(8, 8\)"):
+        image_det.score_samples(np.zeros((2, 6, 6)))
+
+
+@pytest.mark.parametrize(("params", "message"), [
+    ({"score_rule": "bogus"}, "score_rule"),
+    ({"objective": "vae", "score_rule": "energy"}, "needs objective='triangle'"),
+    ({"objective": "gan"}, "objective"),
+    ({"contamination": 0.7}, "contamination"),
+    ({"contamination": "high"}, "contamination"),
+    ({"epochs": 0}, "epochs"),
+    ({"image_shape": (4, 4)}, "image_shape"),
+    ({"image_shape": (8, 8), "depth": 4}, "divisible"),
+    ({"device": "tpu"}, "device"),
+])
+def test_bad_parameters(images, params, message):
+    X = images.reshape(len(images), -1)
+    with pytest.raises(ValueError, match=message):
+        LatentEBMDetector(**{**TINY, **params}).fit(X)
