@@ -445,6 +445,13 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
 
         return load_detector(cls, path)
 
+    def to_onnx(self, path: str | Path, graph: str = "scorer") -> Path:
+        """Export to a self-contained ONNX file (see :func:`serving.export.export_onnx`):
+        ``graph="scorer"`` maps raw rows to score_samples, decision and label."""
+        from serving.export import export_onnx
+
+        return export_onnx(self, path, graph=graph)
+
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
         tags.input_tags.allow_nan = False

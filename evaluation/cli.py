@@ -1,4 +1,11 @@
-"""The ``divtri`` command line: ``divtri bench --suite ...``."""
+"""The ``divtri`` command line.
+
+``divtri bench``   run a benchmark suite and write tables;
+``divtri export``  saved detector -> .onnx;
+``divtri score``   .onnx or saved detector + data file -> CSV of scores and labels.
+
+Commands import what they need when they run, so ``divtri score model.onnx`` never loads torch.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +14,8 @@ import logging
 import sys
 from pathlib import Path
 
-import numpy as np
-
-from evaluation import datasets, speed
-from evaluation.methods import OURS, SKLEARN_PEERS, MethodOptions
-from evaluation.results import per_target, summary, write_tables
-from evaluation.suites import digits_suite
-
 SUITES = ("quick", "digits", "speed")
+DEFAULT_METHODS = ("triangle", "vae_ablation", "isolation_forest", "lof", "ocsvm")
 
 
 def _ints(text: str) -> list[int]:
@@ -30,12 +31,15 @@ def _names(text: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="divtri", description=__doc__)
+    parser = argparse.ArgumentParser(prog="divtri", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="count", default=0)
     commands = parser.add_subparsers(dest="command", required=True)
+
     bench = commands.add_parser("bench", help="run a benchmark suite and write tables")
     bench.add_argument("--suite", choices=SUITES, default="quick",
                        help="quick: load_digits, all digits, 1 seed, 30 epochs (a few minutes); "
-                            "digits: the same protocol at full settings; "
+                            "digits: the same protocol, 3 seeds, default epochs; "
                             "speed: training throughput, triangle vs VAE, MNIST-sized images")
     bench.add_argument("--data", type=Path, default=None,
                        help="data directory (speed: MNIST npz directory; random images if "
@@ -45,14 +49,25 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seeds", type=_ints, default=None, help="e.g. 0,1,2")
     bench.add_argument("--epochs", type=int, default=None, help="epochs of the deep methods")
     bench.add_argument("--methods", type=_names, default=None,
-                       help=f"comma-separated; default {','.join(OURS + SKLEARN_PEERS)}")
+                       help=f"comma-separated; default {','.join(DEFAULT_METHODS)}")
     bench.add_argument("--out", type=Path, default=Path("results"),
                        help="output directory (CSV and Markdown); reruns resume from it")
-    bench.add_argument("-v", "--verbose", action="count", default=0)
+
+    export = commands.add_parser("export", help="export a saved detector to ONNX")
+    export.add_argument("model", type=Path, help="directory written by detector.save()")
+    export.add_argument("out", type=Path, help="output .onnx file")
+    export.add_argument("--graph", choices=("scorer", "encoder", "energy"), default="scorer")
+
+    score = commands.add_parser("score", help="score a data file, write a CSV")
+    score.add_argument("model", type=Path, help=".onnx file or saved detector directory")
+    score.add_argument("data", type=Path, help=".npy, .npz, .csv or .parquet")
+    score.add_argument("--out", type=Path, default=Path("scores.csv"))
     return parser
 
 
 def _held_out_report(log, out: Path) -> None:
+    from evaluation.results import per_target, summary, write_tables
+
     frame = log.frame()
     tables = {"summary": summary(frame), "auroc_per_class": per_target(frame, "auroc"),
               "auprc_per_class": per_target(frame, "auprc")}
@@ -62,12 +77,18 @@ def _held_out_report(log, out: Path) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from evaluation import datasets, speed
+    from evaluation.methods import MethodOptions
+    from evaluation.results import write_tables
+    from evaluation.suites import digits_suite
+
     out = Path(args.out) / args.suite
     out.mkdir(parents=True, exist_ok=True)
     if args.suite == "speed":
         if args.data is not None:
-            images, _ = datasets.mnist(args.data)
-            images = images[:10000]
+            images = datasets.mnist(args.data)[0][:10000]
         else:
             images = np.random.RandomState(0).randint(0, 256, (10000, 28, 28)).astype(np.uint8)
         table = speed.training_throughput(images)
@@ -75,14 +96,13 @@ def run_bench(args: argparse.Namespace) -> int:
         print(table.to_markdown(index=False, floatfmt=".3f"))
         return 0
     quick = args.suite == "quick"
-    options = MethodOptions(epochs=args.epochs if args.epochs is not None else
-                            (30 if quick else None))
+    epochs = args.epochs if args.epochs is not None else (30 if quick else None)
     log = digits_suite(
         out,
         classes=args.classes if args.classes is not None else list(range(10)),
         seeds=args.seeds if args.seeds is not None else ([0] if quick else [0, 1, 2]),
-        methods=args.methods or list(OURS + SKLEARN_PEERS),
-        options=options,
+        methods=args.methods or list(DEFAULT_METHODS),
+        options=MethodOptions(epochs=epochs),
         verbose=True,
     )
     _held_out_report(log, out)
@@ -95,7 +115,16 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     if args.command == "bench":
         return run_bench(args)
-    return 2
+    if args.command == "export":
+        from serving.commands import export_command
+
+        print(export_command(args.model, args.out, args.graph))
+        return 0
+    from serving.commands import score_command
+
+    n_rows = score_command(args.model, args.data, args.out)
+    print(f"scored {n_rows} rows -> {args.out}")
+    return 0
 
 
 if __name__ == "__main__":

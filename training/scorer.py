@@ -64,16 +64,22 @@ class AnomalyScorer(nn.Module):
         return x_model.flatten(1) * self.scale + self.shift
 
     def forward(self, x_raw: torch.Tensor) -> torch.Tensor:
+        # Preprocessing and the score's sums run in the dtype of the input and of shift/scale;
+        # the networks in their own. A float32 network (the ONNX export) under float64 input
+        # then loses precision only inside the networks, not in the large sums.
         x = self.preprocess(x_raw)
-        mu, logvar = self.encoder(x)                                   # (n, k) each
+        x_net = x.to(self.encoder.mu.weight.dtype)
+        mu_net, logvar = self.encoder(x_net)                           # (n, k) each
+        mu = mu_net.to(x.dtype)
         if self.rule == "energy":
-            return self.energy(x, mu)
-        recon = objectives.reconstruction_nll(x, self.generator(mu), self.decoder_sigma)
+            return self.energy(x_net, mu_net).to(x.dtype)
+        x_hat = self.generator(mu_net).to(x.dtype)
+        recon = objectives.reconstruction_nll(x, x_hat, self.decoder_sigma)
         if self.rule == "reconstruction":
             return recon
         if self.rule == "elbo":
-            return recon + objectives.kl_to_prior(mu, logvar)
+            return recon + objectives.kl_to_prior(mu, logvar.to(x.dtype))
         score = recon + objectives.prior_nll(mu)
         if self.energy is not None:
-            score = score + self.energy(x, mu)
+            score = score + self.energy(x_net, mu_net).to(x.dtype)
         return score

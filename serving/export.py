@@ -1,0 +1,141 @@
+"""Export a fitted LatentEBMDetector to ONNX: the fused scorer, the encoder and the energy.
+
+Every graph takes raw rows ``(batch, n_features)`` float32 and holds the preprocessing learned
+in ``fit``, so a deployed model needs nothing but its .onnx file. The batch axis is dynamic.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+from anomaly._persistence import package_version
+from serving import metadata
+from training import AnomalyScorer
+
+GRAPHS = ("scorer", "encoder", "energy")
+
+
+class FusedScorer(nn.Module):
+    """raw rows -> (score_samples, decision, label) with ``offset_`` inside the graph."""
+
+    def __init__(self, scorer: AnomalyScorer, offset: float) -> None:
+        super().__init__()
+        self.scorer = scorer
+        self.register_buffer("offset", torch.tensor(offset, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        normality = -self.scorer(x)
+        decision = normality - self.offset
+        label = torch.where(decision < 0, -1, 1).to(torch.int64)
+        return normality, decision, label
+
+
+class EncoderGraph(nn.Module):
+    """raw rows -> (mu, logvar), float32."""
+
+    def __init__(self, scorer: AnomalyScorer) -> None:
+        super().__init__()
+        self.scorer = scorer
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.scorer.encoder(self.scorer.preprocess(x).to(torch.float32))
+
+
+class EnergyGraph(nn.Module):
+    """(raw rows, z float32) -> E(x, z), float32."""
+
+    def __init__(self, scorer: AnomalyScorer) -> None:
+        super().__init__()
+        self.scorer = scorer
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return self.scorer.energy(self.scorer.preprocess(x).to(torch.float32), z)
+
+
+def _graph(detector, graph: str) -> tuple[nn.Module, tuple, tuple[str, ...], tuple[str, ...]]:
+    scorer = copy.deepcopy(detector.scorer_).to(torch.float32).eval()
+    # Networks run in float32 (what GPUs and ONNX Runtime's conv kernels want); input,
+    # preprocessing and the score's sums stay float64 so that scores agree with the estimator.
+    scorer.shift, scorer.scale = (detector.scorer_.shift.clone(), detector.scorer_.scale.clone())
+    x = torch.zeros(2, detector.n_features_in_, dtype=torch.float64)
+    if graph == "scorer":
+        return (FusedScorer(scorer, detector.offset_), (x,), ("x",),
+                ("score_samples", "decision", "label"))
+    if graph == "encoder":
+        return EncoderGraph(scorer), (x,), ("x",), ("mu", "logvar")
+    if graph == "energy":
+        if scorer.energy is None:
+            raise ValueError("the VAE ablation has no energy network to export")
+        z = torch.zeros(2, scorer.encoder.mu.out_features, dtype=torch.float32)
+        return EnergyGraph(scorer), (x, z), ("x", "z"), ("energy",)
+    raise ValueError(f"graph must be one of {GRAPHS}, got {graph!r}")
+
+
+def export_onnx(detector, path: str | Path, graph: str = "scorer",
+                opset_version: int | None = None) -> Path:
+    """Write one graph of a fitted detector to ``path`` as a single self-contained .onnx file.
+
+    Parameters
+    ----------
+    detector : LatentEBMDetector
+        Fitted.
+    path : path-like
+        Output file.
+    graph : {"scorer", "encoder", "energy"}
+        ``scorer``: x -> score_samples, decision, label (the deployable model);
+        ``encoder``: x -> mu, logvar; ``energy``: (x, z) -> E(x, z).
+
+    Returns
+    -------
+    path : Path
+    """
+    from sklearn.utils.validation import check_is_fitted
+
+    check_is_fitted(detector)
+    module, args, input_names, output_names = _graph(detector, graph)
+    batch = torch.export.Dim("batch", min=1)
+    dynamic = {name: {0: batch} for name in input_names}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's notes on its own internals
+        program = torch.onnx.export(module, args, dynamo=True, dynamic_shapes=dynamic,
+                                    input_names=list(input_names),
+                                    output_names=list(output_names),
+                                    opset_version=opset_version, external_data=False,
+                                    verbose=False)
+    model = program.model_proto
+    contamination = detector.contamination
+    props = {
+        "format_version": metadata.FORMAT_VERSION,
+        "package_version": package_version(),
+        "graph": graph,
+        "n_features": str(detector.n_features_in_),
+        "input_shape": json.dumps(list(detector.input_shape_)),
+        "sample_shape": json.dumps(list(detector._sample_shape)),
+        "score_rule": detector.score_rule,
+        "offset": repr(float(detector.offset_)),
+        "contamination": str(contamination),
+        "weights_sha256": metadata.weights_sha256(
+            (init.name, numpy_helper.to_array(init).tobytes())
+            for init in model.graph.initializer),
+    }
+    onnx.helper.set_model_props(model, {metadata.PREFIX + k: v for k, v in props.items()})
+    onnx.save_model(model, str(path), save_as_external_data=False)
+    onnx.checker.check_model(str(path), full_check=True)
+    return path
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The package's metadata of an exported model, without the prefix."""
+    model = onnx.load(str(path), load_external_data=False)
+    return {p.key[len(metadata.PREFIX):]: p.value for p in model.metadata_props
+            if p.key.startswith(metadata.PREFIX)}

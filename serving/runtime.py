@@ -1,0 +1,174 @@
+"""OnnxDetector: the estimator's scoring API on ONNX Runtime, without torch.
+
+Imports numpy, onnx (to verify the file) and onnxruntime only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from google.protobuf.message import DecodeError
+from onnx import numpy_helper
+
+from serving import metadata
+
+logger = logging.getLogger(__name__)
+
+PREFERRED_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+def _cuda_driver_present() -> bool:
+    """Whether the NVIDIA driver library loads; without it onnxruntime-gpu would try CUDA,
+    print an error and fall back to the CPU on every session."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
+
+
+def default_providers() -> list[str]:
+    available = set(ort.get_available_providers())
+    if "CUDAExecutionProvider" in available and not _cuda_driver_present():
+        available.discard("CUDAExecutionProvider")
+    return [p for p in PREFERRED_PROVIDERS if p in available] or ["CPUExecutionProvider"]
+
+
+def _verified_metadata(raw: bytes, source: str) -> dict[str, str]:
+    try:
+        model = onnx.load_model_from_string(raw)
+    except (DecodeError, ValueError, RuntimeError) as err:
+        raise ValueError(f"{source} is not a valid ONNX model (truncated or corrupted?): "
+                         f"{err}") from err
+    props = {p.key[len(metadata.PREFIX):]: p.value for p in model.metadata_props
+             if p.key.startswith(metadata.PREFIX)}
+    missing = [k for k in metadata.KEYS if k not in props]
+    if missing:
+        raise ValueError(f"{source} was not exported by this package (metadata {missing} "
+                         "missing); export it with `divtri export` or detector.to_onnx()")
+    if props["format_version"] != metadata.FORMAT_VERSION:
+        raise ValueError(f"{source} has format version {props['format_version']}; this "
+                         f"runtime reads version {metadata.FORMAT_VERSION}")
+    if props["graph"] != "scorer":
+        raise ValueError(f"{source} holds the {props['graph']!r} graph; OnnxDetector needs "
+                         "the fused 'scorer' graph")
+    digest = metadata.weights_sha256((init.name, numpy_helper.to_array(init).tobytes())
+                                     for init in model.graph.initializer)
+    if digest != props["weights_sha256"]:
+        raise ValueError(f"{source}: the weights do not match the checksum in its metadata; "
+                         "the file was modified after export")
+    return props
+
+
+def validate_rows(X, n_features: int, sample_shapes: tuple[tuple[int, ...], ...],
+                  owner: str = "OnnxDetector") -> np.ndarray:
+    """``X`` as float64 rows ``(n, n_features)``, with the estimator's clear errors."""
+    if hasattr(X, "to_numpy"):
+        X = X.to_numpy()
+    arr = np.asarray(X)
+    if arr.dtype.kind == "c":
+        raise ValueError("Complex data not supported; pass real numbers")
+    if arr.dtype.kind not in "biuf":
+        try:
+            arr = arr.astype(np.float64)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"X must be numeric; could not convert it to float: {err}"
+                             ) from None
+    if arr.ndim < 2:
+        raise ValueError(f"Expected 2D array, got {arr.ndim}D array instead; reshape a single "
+                         "sample with X.reshape(1, -1)")
+    if arr.ndim > 2:
+        if tuple(arr.shape[1:]) not in sample_shapes:
+            raise ValueError(f"X has samples of shape {tuple(arr.shape[1:])}, but {owner} "
+                             f"expects samples of shape {sample_shapes[0]}")
+        arr = arr.reshape(arr.shape[0], -1)
+    if arr.shape[0] == 0:
+        raise ValueError(f"Found array with 0 sample(s) (shape={arr.shape}) while a minimum "
+                         "of 1 is required")
+    if arr.shape[1] != n_features:
+        raise ValueError(f"X has {arr.shape[1]} features, but {owner} is expecting "
+                         f"{n_features} features as input")
+    rows = arr.astype(np.float64)
+    if not np.isfinite(rows).all():
+        raise ValueError(f"Input X contains {'NaN' if np.isnan(rows).any() else 'infinity'}")
+    return rows
+
+
+class OnnxDetector:
+    """Score with an exported model on ONNX Runtime (GPU when available, else CPU).
+
+    Parameters
+    ----------
+    path : path-like
+        A fused scorer exported by ``LatentEBMDetector.to_onnx`` or ``divtri export``.
+    providers : list of str, optional
+        ONNX Runtime execution providers in order of preference; default CUDA then CPU,
+        among those this onnxruntime build offers.
+    chunk_rows : int, default=65536
+        Rows per ``session.run`` call, so memory stays bounded on large inputs.
+
+    Attributes
+    ----------
+    providers_ : list of str
+        The providers the session actually got (onnxruntime-gpu silently falls back to the
+        CPU where no usable GPU is found).
+    offset_, n_features_in_, input_shape_, score_rule_, metadata_
+    """
+
+    def __init__(self, path, providers=None, chunk_rows: int = 65536) -> None:
+        self.path = Path(path)
+        raw = self.path.read_bytes()
+        self.metadata_ = _verified_metadata(raw, str(self.path))
+        wanted = list(providers) if providers is not None else default_providers()
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # the CUDA-to-CPU fallback is reported in providers_
+        self.session_ = ort.InferenceSession(raw, sess_options=options, providers=wanted)
+        self.providers_ = self.session_.get_providers()
+        logger.info("ONNX Runtime providers: %s", self.providers_)
+        if int(chunk_rows) < 1:
+            raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
+        self.chunk_rows = int(chunk_rows)
+        self.n_features_in_ = int(self.metadata_["n_features"])
+        self.input_shape_ = tuple(json.loads(self.metadata_["input_shape"]))
+        sample_shape = tuple(json.loads(self.metadata_["sample_shape"]))
+        shapes = [sample_shape, self.input_shape_]
+        if len(self.input_shape_) == 3 and self.input_shape_[0] == 1:
+            shapes.append(self.input_shape_[1:])
+        self._sample_shapes = tuple(dict.fromkeys(shapes))
+        self.offset_ = float(self.metadata_["offset"])
+        self.score_rule_ = self.metadata_["score_rule"]
+
+    def _run(self, X) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        rows = validate_rows(X, self.n_features_in_, self._sample_shapes)
+        parts = [self.session_.run(None, {"x": rows[i:i + self.chunk_rows]})
+                 for i in range(0, len(rows), self.chunk_rows)]
+        score, decision, label = (np.concatenate(column) for column in zip(*parts, strict=True))
+        return score, decision, label
+
+    def score_samples(self, X) -> np.ndarray:
+        """Normality score, higher = more normal; shape (n_samples,), float64."""
+        return self._run(X)[0]
+
+    def anomaly_score(self, X) -> np.ndarray:
+        """``-score_samples``: higher = more anomalous."""
+        return -self.score_samples(X)
+
+    def decision_function(self, X) -> np.ndarray:
+        """``score_samples - offset_``; negative = outlier."""
+        return self._run(X)[1]
+
+    def predict(self, X) -> np.ndarray:
+        """+1 inlier, -1 outlier."""
+        return self._run(X)[2]
+
+    def score_all(self, X) -> dict[str, np.ndarray]:
+        """score_samples, decision and label from one pass."""
+        score, decision, label = self._run(X)
+        return {"score_samples": score, "decision": decision, "label": label}

@@ -1,0 +1,87 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from evaluation import cli, datasets, protocols
+from evaluation.methods import MethodOptions, anomaly_scores, make_method, scores_by_rule
+from evaluation.metrics import detection_metrics
+from evaluation.results import ResultLog, summary
+from evaluation.suites import held_out_class_suite
+from tests.conftest import TINY
+
+
+def test_held_out_split_follows_the_protocol():
+    X, y = datasets.digits()
+    split = protocols.held_out_class(X, y, held_out=4)
+    n_normal, n_four = int((y != 4).sum()), int((y == 4).sum())
+    n_train = int(0.8 * n_normal)
+    assert len(split.X_train) == n_train
+    assert len(split.X_test) == n_normal - n_train + n_four
+    assert split.y_test.sum() == n_four and (split.y_test[: n_normal - n_train] == 0).all()
+    order = np.random.RandomState(42).permutation(n_normal)
+    np.testing.assert_array_equal(split.X_train, X[y != 4][order[:n_train]])
+    np.testing.assert_array_equal(split.X_test[-n_four:], X[y == 4])
+    with pytest.raises(ValueError, match="does not occur"):
+        protocols.held_out_class(X, y, held_out=11)
+
+
+def test_metrics_match_hand_computed_cases():
+    y = np.array([0, 0, 1, 1])
+    assert detection_metrics(y, np.array([0.1, 0.2, 0.8, 0.9])) == {"auroc": 1.0, "auprc": 1.0}
+    # one inversion among 4 pairs -> AUROC 3/4; precision at the two positives: 1/1, 2/3
+    got = detection_metrics(y, np.array([0.1, 0.85, 0.8, 0.9]))
+    assert got["auroc"] == pytest.approx(0.75)
+    assert got["auprc"] == pytest.approx(0.5 * (1 + 2 / 3))
+
+
+def test_peer_score_signs_agree_higher_is_anomalous():
+    rng = np.random.RandomState(0)
+    train = rng.normal(size=(200, 3))
+    test = np.vstack([rng.normal(size=(20, 3)), rng.normal(loc=8, size=(5, 3))])
+    for name in ("isolation_forest", "lof", "ocsvm", "pyod_knn", "pyod_ecod"):
+        method = make_method(name, seed=0).fit(train)
+        scores = anomaly_scores(method, test)
+        assert scores[-5:].min() > np.median(scores[:20]), name
+
+
+def _tiny_suite(log, methods):
+    rng = np.random.RandomState(0)
+    X = rng.normal(size=(90, 4, 4))
+    y = np.repeat(np.arange(3), 30)
+    X[y == 2] += 3.0
+    held_out_class_suite(X, y, dataset="toy", classes=[2], seeds=[0], methods=methods,
+                         log=log, options=MethodOptions(detector_params=TINY), verbose=False)
+
+
+def test_result_log_resumes(tmp_path):
+    log = ResultLog(tmp_path / "r.csv")
+    _tiny_suite(log, ["lof", "triangle"])
+    first = pd.read_csv(tmp_path / "r.csv")
+    assert {"lof", "triangle", "triangle[energy]", "triangle[joint]"} <= set(first.method)
+    again = ResultLog(tmp_path / "r.csv")
+    assert again.done(dataset="toy", target=2, seed=0, method="lof")
+    _tiny_suite(again, ["lof", "triangle", "isolation_forest"])
+    second = pd.read_csv(tmp_path / "r.csv")
+    assert len(second) == len(first) + 1  # only the new method ran
+    assert summary(second).loc["lof", "runs"] == 1
+
+
+def test_scores_by_rule_match_the_estimator(images):
+    from anomaly import LatentEBMDetector
+
+    det = LatentEBMDetector(**TINY, score_rule="elbo", random_state=0).fit(images)
+    rules = scores_by_rule(det, images)
+    assert set(rules) == {"energy", "joint", "reconstruction", "elbo"}
+    np.testing.assert_allclose(rules["elbo"], det.anomaly_score(images))
+
+
+@pytest.mark.slow
+def test_quick_suite_end_to_end(tmp_path, capsys):
+    code = cli.main(["bench", "--suite", "quick", "--classes", "1", "--epochs", "2",
+                     "--out", str(tmp_path)])
+    assert code == 0
+    table = pd.read_csv(tmp_path / "quick" / "summary.csv", index_col=0)
+    assert {"triangle", "vae_ablation", "lof", "isolation_forest", "ocsvm"} <= set(table.index)
+    assert table["auroc_mean"].between(0, 1).all()
+    assert (tmp_path / "quick" / "summary.md").read_text().startswith("| method")
+    assert "lof" in capsys.readouterr().out

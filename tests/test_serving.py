@@ -1,0 +1,180 @@
+import json
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import onnx
+import pandas as pd
+import pytest
+
+from anomaly import LatentEBMDetector
+from evaluation import cli
+from serving.export import export_onnx, read_metadata
+from serving.runtime import OnnxDetector
+from tests.conftest import TINY
+
+RNG = np.random.RandomState(0)
+TABULAR = RNG.normal(size=(200, 6))
+IMAGES = RNG.randint(0, 256, size=(60, 8, 8)).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """One tabular and one image model, fitted and exported once for the module."""
+    root = tmp_path_factory.mktemp("onnx")
+    models = {}
+    for kind, X, params in (("tabular", TABULAR, {"contamination": 0.1}),
+                            ("image", IMAGES, {})):
+        det = LatentEBMDetector(**{**TINY, "random_state": 0, **params}).fit(X)
+        models[kind] = (det, det.to_onnx(root / f"{kind}.onnx"))
+    return models
+
+
+def _fresh(kind, n):
+    rng = np.random.RandomState(n)
+    if kind == "tabular":
+        return rng.normal(size=(n, 6))
+    return rng.randint(0, 256, size=(n, 8, 8)).astype(np.uint8)
+
+
+@pytest.mark.parametrize("kind", ["tabular", "image"])
+@pytest.mark.parametrize("n", [1, 7, 1000])
+def test_onnx_matches_the_estimator(exported, kind, n):
+    det, path = exported[kind]
+    runtime = OnnxDetector(path, providers=["CPUExecutionProvider"])
+    X = _fresh(kind, n)
+    want = det.score_samples(X)
+    np.testing.assert_allclose(runtime.score_samples(X), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(runtime.decision_function(X), det.decision_function(X),
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(runtime.predict(X), det.predict(X))
+    np.testing.assert_allclose(runtime.anomaly_score(X), -want, rtol=1e-5, atol=1e-5)
+
+
+def test_metadata_round_trip(exported):
+    det, path = exported["tabular"]
+    meta = read_metadata(path)
+    assert meta["score_rule"] == det.score_rule
+    assert float(meta["offset"]) == det.offset_
+    assert meta["contamination"] == "0.1"
+    assert json.loads(meta["input_shape"]) == [6]
+    assert meta["n_features"] == "6" and meta["graph"] == "scorer"
+    assert len(meta["weights_sha256"]) == 64
+    runtime = OnnxDetector(path)
+    assert runtime.offset_ == det.offset_ and runtime.n_features_in_ == 6
+    assert runtime.providers_[-1] == "CPUExecutionProvider"
+    onnx.checker.check_model(str(path), full_check=True)
+
+
+def test_one_file_with_a_dynamic_batch_axis(exported):
+    _, path = exported["image"]
+    model = onnx.load(str(path))
+    assert not any(init.data_location == onnx.TensorProto.EXTERNAL
+                   for init in model.graph.initializer)
+    batch_dim = model.graph.input[0].type.tensor_type.shape.dim[0]
+    assert batch_dim.dim_param and not batch_dim.HasField("dim_value")
+
+
+def test_truncated_and_tampered_files_are_refused(exported, tmp_path):
+    _, path = exported["tabular"]
+    raw = path.read_bytes()
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(ValueError, match="not a valid ONNX model"):
+        OnnxDetector(truncated)
+    model = onnx.load(str(path))
+    weight = max(model.graph.initializer, key=lambda t: onnx.numpy_helper.to_array(t).size)
+    values = onnx.numpy_helper.to_array(weight).copy()
+    values.flat[0] += 1.0
+    weight.CopyFrom(onnx.numpy_helper.from_array(values, weight.name))
+    tampered = tmp_path / "tampered.onnx"
+    onnx.save(model, str(tampered))
+    with pytest.raises(ValueError, match="checksum"):
+        OnnxDetector(tampered)
+
+
+def test_runtime_validates_inputs(exported):
+    runtime = OnnxDetector(exported["tabular"][1])
+    with pytest.raises(ValueError, match="X has 3 features, but OnnxDetector is expecting 6"):
+        runtime.score_samples(np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="NaN"):
+        runtime.score_samples(np.full((2, 6), np.nan))
+    with pytest.raises(ValueError, match="numeric"):
+        runtime.score_samples(np.array([["a"] * 6]))
+    with pytest.raises(ValueError, match="2D"):
+        runtime.score_samples(np.zeros(6))
+    with pytest.raises(ValueError, match="0 sample"):
+        runtime.score_samples(np.zeros((0, 6)))
+    image_runtime = OnnxDetector(exported["image"][1])
+    with pytest.raises(ValueError, match=r"shape \(6, 6\)"):
+        image_runtime.score_samples(np.zeros((2, 6, 6)))
+    # rows of 64 features are the same images
+    X = _fresh("image", 5)
+    np.testing.assert_array_equal(image_runtime.score_samples(X.reshape(5, -1)),
+                                  image_runtime.score_samples(X))
+
+
+def test_chunked_scoring_equals_one_pass(exported):
+    _, path = exported["tabular"]
+    X = _fresh("tabular", 1000)
+    np.testing.assert_array_equal(OnnxDetector(path, chunk_rows=64).score_samples(X),
+                                  OnnxDetector(path).score_samples(X))
+
+
+def test_thread_safety(exported):
+    det, path = exported["image"]
+    runtime = OnnxDetector(path)
+    batches = [_fresh("image", 50 + i) for i in range(8)]
+    expected = [runtime.score_samples(b) for b in batches]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        for _ in range(3):
+            results = list(pool.map(runtime.score_samples, batches))
+            for got, want in zip(results, expected, strict=True):
+                np.testing.assert_array_equal(got, want)
+
+
+def test_runtime_import_does_not_import_torch():
+    code = ("import sys; import serving.runtime, serving.data_files; "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_energy_and_encoder_graphs(exported, tmp_path):
+    import onnxruntime as ort
+
+    det, _ = exported["tabular"]
+    X = _fresh("tabular", 9)
+    encoder = ort.InferenceSession(str(export_onnx(det, tmp_path / "enc.onnx", "encoder")))
+    mu, _ = encoder.run(None, {"x": X})
+    np.testing.assert_allclose(mu, det.encode(X), rtol=1e-4, atol=1e-5)
+    energy = ort.InferenceSession(str(export_onnx(det, tmp_path / "energy.onnx", "energy")))
+    (values,) = energy.run(None, {"x": X, "z": mu})
+    assert values.shape == (9,) and (values >= 0).all()
+    vae = LatentEBMDetector(**TINY, objective="vae").fit(TABULAR)
+    with pytest.raises(ValueError, match="no energy"):
+        export_onnx(vae, tmp_path / "none.onnx", "energy")
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".csv", ".parquet"])
+def test_cli_export_and_score(exported, tmp_path, suffix):
+    det, _ = exported["tabular"]
+    X = _fresh("tabular", 20)
+    data = tmp_path / f"data{suffix}"
+    if suffix == ".npy":
+        np.save(data, X)
+    elif suffix == ".csv":
+        pd.DataFrame(X).to_csv(data, index=False)
+    else:
+        pd.DataFrame(X, columns=[f"f{i}" for i in range(6)]).to_parquet(data)
+    saved = det.save(tmp_path / "model")
+    if suffix == ".npy":  # export once, through the CLI
+        assert cli.main(["export", str(saved), str(tmp_path / "m.onnx")]) == 0
+        model = tmp_path / "m.onnx"
+    else:
+        model = saved
+    assert cli.main(["score", str(model), str(data), "--out", str(tmp_path / "s.csv")]) == 0
+    scores = pd.read_csv(tmp_path / "s.csv")
+    assert list(scores.columns) == ["score_samples", "decision", "label"]
+    np.testing.assert_allclose(scores["score_samples"], det.score_samples(X), rtol=1e-5)
+    np.testing.assert_array_equal(scores["label"], det.predict(X))
