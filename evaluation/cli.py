@@ -14,7 +14,7 @@ import logging
 import sys
 from pathlib import Path
 
-SUITES = ("quick", "digits", "speed")
+SUITES = ("quick", "digits", "speed", "serving")
 DEFAULT_METHODS = ("triangle", "vae_ablation", "isolation_forest", "lof", "ocsvm")
 
 
@@ -40,10 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--suite", choices=SUITES, default="quick",
                        help="quick: load_digits, all digits, 1 seed, 30 epochs (a few minutes); "
                             "digits: the same protocol, 3 seeds, default epochs; "
-                            "speed: training throughput, triangle vs VAE, MNIST-sized images")
+                            "speed: training throughput, triangle vs VAE, MNIST-sized images; "
+                            "serving: CPU scoring, torch vs ONNX Runtime")
     bench.add_argument("--data", type=Path, default=None,
-                       help="data directory (speed: MNIST npz directory; random images if "
-                            "omitted)")
+                       help="data directory: speed takes the MNIST npz directory, serving "
+                            "the shared data root (with mnist/ and adbench/); random data if "
+                            "omitted")
     bench.add_argument("--classes", "--digits", dest="classes", type=_ints, default=None,
                        help="held-out classes, e.g. 1,4,7 (default: all)")
     bench.add_argument("--seeds", type=_ints, default=None, help="e.g. 0,1,2")
@@ -94,6 +96,18 @@ def run_bench(args: argparse.Namespace) -> int:
         table = speed.training_throughput(images)
         write_tables({"throughput": table.set_index("objective")}, out)
         print(table.to_markdown(index=False, floatfmt=".3f"))
+        return 0
+    if args.suite == "serving":
+        from evaluation.serving_speed import serving_speed
+
+        root = args.data
+        timings, end_to_end = serving_speed(root / "adbench" if root else None,
+                                            root / "mnist" if root else None)
+        write_tables({"scoring_speed": timings.set_index("model"),
+                      "http_end_to_end": end_to_end.set_index("method")}, out)
+        print(timings.to_markdown(index=False, floatfmt=".3f"))
+        print()
+        print(end_to_end.to_markdown(index=False, floatfmt=".2f"))
         return 0
     quick = args.suite == "quick"
     epochs = args.epochs if args.epochs is not None else (30 if quick else None)

@@ -123,7 +123,7 @@ def test_chunked_scoring_equals_one_pass(exported):
 
 
 def test_thread_safety(exported):
-    det, path = exported["image"]
+    _, path = exported["image"]
     runtime = OnnxDetector(path)
     batches = [_fresh("image", 50 + i) for i in range(8)]
     expected = [runtime.score_samples(b) for b in batches]
