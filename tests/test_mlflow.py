@@ -1,0 +1,142 @@
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import requests
+from mlflow import MlflowClient
+
+from anomaly import LatentEBMDetector
+from serving.mlflow_model import MlflowEpochLogger, fit_logged, load_model, log_model
+from tests.conftest import TINY
+
+X = np.random.RandomState(0).normal(size=(120, 4))
+
+
+@pytest.fixture
+def tracking(tmp_path, monkeypatch):
+    """A private SQLite backend and artifact root per test."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    experiment = mlflow.create_experiment("t", artifact_location=(tmp_path / "art").as_uri())
+    mlflow.set_experiment(experiment_id=experiment)
+    yield uri
+    mlflow.end_run()
+
+
+@pytest.fixture(scope="module")
+def detector():
+    return LatentEBMDetector(**TINY, random_state=0).fit(X)
+
+
+def test_nothing_is_logged_unless_asked(tracking, detector):
+    LatentEBMDetector(**TINY).fit(X)
+    assert mlflow.search_runs(output_format="list") == []
+
+
+def test_fit_logged_records_params_metrics_and_model(tracking):
+    det, info = fit_logged(LatentEBMDetector(**TINY, random_state=0), X, run_name="r")
+    run = mlflow.get_run(info.run_id)
+    assert run.data.params["latent_dim"] == "2"
+    history = MlflowClient().get_metric_history(info.run_id, "energy_gap")
+    assert [m.step for m in history] == [1, 2]
+    assert {"loss_ebm", "encoder_variance", "time_per_epoch"} <= set(run.data.metrics)
+    scored = load_model(info.model_uri).predict(pd.DataFrame(X[:5], columns=["x0", "x1",
+                                                                               "x2", "x3"]))
+    np.testing.assert_allclose(scored["score_samples"], det.score_samples(X[:5]), rtol=1e-5)
+
+
+def test_callback_logs_into_the_active_run(tracking):
+    with mlflow.start_run() as run:
+        LatentEBMDetector(**TINY).fit(X, callbacks=[MlflowEpochLogger()])
+    assert len(MlflowClient().get_metric_history(run.info.run_id, "reconstruction")) == 2
+
+
+def test_registry_versions_and_aliases(tracking, detector):
+    with mlflow.start_run():
+        info = log_model(detector, "m", registered_model_name="detector")
+    client = MlflowClient()
+    version = info.registered_model_version
+    client.set_registered_model_alias("detector", "champion", version)
+    frame = pd.DataFrame(X[:7], columns=[f"x{i}" for i in range(4)])
+    want = detector.score_samples(X[:7])
+    for uri in (f"models:/detector/{version}", "models:/detector@champion"):
+        out = load_model(uri).predict(frame)
+        assert list(out.columns) == ["score_samples", "decision", "label"]
+        np.testing.assert_allclose(out["score_samples"], want, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(out["label"], detector.predict(X[:7]))
+    model = load_model("models:/detector@champion")
+    assert [c.name for c in model.metadata.get_input_schema().inputs] == ["x0", "x1", "x2",
+                                                                           "x3"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_rest_serving_end_to_end(tracking, detector, tmp_path):
+    with mlflow.start_run():
+        info = log_model(detector, "m", registered_model_name="served")
+    MlflowClient().set_registered_model_alias("served", "prod", info.registered_model_version)
+    port = _free_port()
+    mlflow_cli = [sys.executable, "-m", "mlflow"]
+    # the server runs uvicorn from the environment's bin directory, as an activated venv would
+    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
+    server = subprocess.Popen(
+        [*mlflow_cli, "models", "serve", "-m", "models:/served@prod", "--env-manager",
+         "local", "-h", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=open(tmp_path / "server.log", "w"),  # noqa: SIM115
+        start_new_session=True, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if requests.get(f"{base}/ping", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, "server did not answer /ping in 120 s"
+            time.sleep(0.5)
+        payload = {"dataframe_split": {"columns": [f"x{i}" for i in range(4)],
+                                       "data": X[:9].tolist()}}
+        answer = requests.post(f"{base}/invocations", json=payload, timeout=30)
+        assert answer.status_code == 200, answer.text
+        got = pd.DataFrame(answer.json()["predictions"])
+        np.testing.assert_allclose(got["score_samples"], detector.score_samples(X[:9]),
+                                   rtol=1e-5, atol=1e-5)
+        bad = requests.post(f"{base}/invocations", data="{not json", timeout=30,
+                            headers={"Content-Type": "application/json"})
+        assert 400 <= bad.status_code < 500
+        wrong_width = {"dataframe_split": {"columns": ["x0"], "data": [[1.0]]}}
+        assert 400 <= requests.post(f"{base}/invocations", json=wrong_width,
+                                    timeout=30).status_code < 500
+        assert requests.get(f"{base}/ping", timeout=5).status_code == 200
+    finally:
+        _stop(server)
+
+
+def _stop(server: subprocess.Popen) -> None:
+    """Stop the server and every worker it started (they share its process group)."""
+    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, None)):
+        try:
+            os.killpg(server.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            server.wait(timeout=wait)
+            break
+        except subprocess.TimeoutExpired:
+            continue
