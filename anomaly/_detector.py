@@ -191,9 +191,8 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
     def _network_config(self, input_shape: tuple[int, ...]) -> NetworkConfig:
         is_image = len(input_shape) == 3
         width = int(self.width if self.width is not None else (32 if is_image else 128))
-        energy_width = self.energy_width if self.energy_width is not None else max(width // 2, 1)
         return NetworkConfig(input_shape=input_shape, latent_dim=int(self.latent_dim),
-                             width=width, depth=int(self.depth), energy_width=int(energy_width))
+                             width=width, depth=int(self.depth), energy_width=self.energy_width)
 
     def _train_config(self) -> TrainConfig:
         return TrainConfig(

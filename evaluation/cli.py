@@ -14,7 +14,7 @@ import logging
 import sys
 from pathlib import Path
 
-SUITES = ("quick", "digits", "speed", "serving")
+SUITES = ("quick", "digits", "speed", "serving", "rest")
 DEFAULT_METHODS = ("triangle", "vae_ablation", "isolation_forest", "lof", "ocsvm")
 
 
@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="quick: load_digits, all digits, 1 seed, 30 epochs (a few minutes); "
                             "digits: the same protocol, 3 seeds, default epochs; "
                             "speed: training throughput, triangle vs VAE, MNIST-sized images; "
-                            "serving: CPU scoring, torch vs ONNX Runtime")
+                            "serving: CPU scoring, torch vs ONNX Runtime; "
+                            "rest: load test of the MLflow REST server on 127.0.0.1")
     bench.add_argument("--data", type=Path, default=None,
                        help="data directory: speed takes the MNIST npz directory, serving "
                             "the shared data root (with mnist/ and adbench/); random data if "
@@ -108,6 +109,13 @@ def run_bench(args: argparse.Namespace) -> int:
         print(timings.to_markdown(index=False, floatfmt=".3f"))
         print()
         print(end_to_end.to_markdown(index=False, floatfmt=".2f"))
+        return 0
+    if args.suite == "rest":
+        from evaluation.rest_load import rest_load
+
+        table = rest_load()
+        write_tables({"rest_load": table.set_index("rows_per_request")}, out)
+        print(table.to_markdown(index=False, floatfmt=".2f"))
         return 0
     quick = args.suite == "quick"
     epochs = args.epochs if args.epochs is not None else (30 if quick else None)

@@ -1,10 +1,3 @@
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-
 import mlflow
 import numpy as np
 import pandas as pd
@@ -14,6 +7,7 @@ from mlflow import MlflowClient
 
 from anomaly import LatentEBMDetector
 from serving.mlflow_model import MlflowEpochLogger, fit_logged, load_model, log_model
+from serving.rest import mlflow_server
 from tests.conftest import TINY
 
 X = np.random.RandomState(0).normal(size=(120, 4))
@@ -78,38 +72,13 @@ def test_registry_versions_and_aliases(tracking, detector):
                                                                            "x3"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
-def test_rest_serving_end_to_end(tracking, detector, tmp_path):
+def test_rest_serving_end_to_end(tracking, detector):
     with mlflow.start_run():
         info = log_model(detector, "m", registered_model_name="served")
     MlflowClient().set_registered_model_alias("served", "prod", info.registered_model_version)
-    port = _free_port()
-    mlflow_cli = [sys.executable, "-m", "mlflow"]
-    # the server runs uvicorn from the environment's bin directory, as an activated venv would
-    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
-    server = subprocess.Popen(
-        [*mlflow_cli, "models", "serve", "-m", "models:/served@prod", "--env-manager",
-         "local", "-h", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=open(tmp_path / "server.log", "w"),  # noqa: SIM115
-        start_new_session=True, env=env)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if requests.get(f"{base}/ping", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert server.poll() is None, (tmp_path / "server.log").read_text()[-2000:]
-            assert time.monotonic() < deadline, "server did not answer /ping in 120 s"
-            time.sleep(0.5)
+    with mlflow_server("models:/served@prod", tracking_uri=tracking) as base:
+        assert base.startswith("http://127.0.0.1:")
         payload = {"dataframe_split": {"columns": [f"x{i}" for i in range(4)],
                                        "data": X[:9].tolist()}}
         answer = requests.post(f"{base}/invocations", json=payload, timeout=30)
@@ -117,6 +86,7 @@ def test_rest_serving_end_to_end(tracking, detector, tmp_path):
         got = pd.DataFrame(answer.json()["predictions"])
         np.testing.assert_allclose(got["score_samples"], detector.score_samples(X[:9]),
                                    rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(got["label"], detector.predict(X[:9]))
         bad = requests.post(f"{base}/invocations", data="{not json", timeout=30,
                             headers={"Content-Type": "application/json"})
         assert 400 <= bad.status_code < 500
@@ -124,19 +94,5 @@ def test_rest_serving_end_to_end(tracking, detector, tmp_path):
         assert 400 <= requests.post(f"{base}/invocations", json=wrong_width,
                                     timeout=30).status_code < 500
         assert requests.get(f"{base}/ping", timeout=5).status_code == 200
-    finally:
-        _stop(server)
-
-
-def _stop(server: subprocess.Popen) -> None:
-    """Stop the server and every worker it started (they share its process group)."""
-    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, None)):
-        try:
-            os.killpg(server.pid, sig)
-        except ProcessLookupError:
-            break
-        try:
-            server.wait(timeout=wait)
-            break
-        except subprocess.TimeoutExpired:
-            continue
+        again = requests.post(f"{base}/invocations", json=payload, timeout=30)
+        assert again.status_code == 200

@@ -23,7 +23,8 @@ class NetworkConfig:
     depth : int
         Hidden layers of the MLPs; stride-2 stages of the conv nets.
     energy_width : int or None
-        Width of the energy network; None uses ``width``.
+        Width of the energy network; None uses ``width // 2``: the critic costs as much as
+        the encoder and generator together at full width, and half width measured no worse.
     spectral_norm : bool
         Spectral normalisation on every energy layer. Fitted models store the normalised
         weights as plain tensors and are rebuilt with ``spectral_norm=False``.
@@ -58,7 +59,7 @@ class NetworkConfig:
 
     @property
     def resolved_energy_width(self) -> int:
-        return self.width if self.energy_width is None else self.energy_width
+        return max(self.width // 2, 1) if self.energy_width is None else self.energy_width
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
