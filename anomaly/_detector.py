@@ -50,10 +50,12 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
     ----------
     objective : {"triangle", "vae"}, default="triangle"
         ``"vae"`` trains the same encoder and generator as a plain VAE (the ablation).
-    score_rule : {"joint", "energy", "reconstruction", "elbo"}, default="joint"
+    score_rule : {"reconstruction", "joint", "energy", "elbo"}, default="reconstruction"
         Anomaly score (named ``score_rule`` because scikit-learn reserves ``score`` for a
-        method): ``"energy"`` = E(x, mu(x)); ``"joint"`` = E(x, mu) + reconstruction
-        error + ||mu||^2 / 2; ``"reconstruction"``; ``"elbo"`` = negative ELBO at mu.
+        method): ``"reconstruction"`` = -log p(x | mu(x)); ``"joint"`` = E(x, mu) +
+        reconstruction error + ||mu||^2 / 2; ``"energy"`` = E(x, mu(x)) as in the paper;
+        ``"elbo"`` = negative ELBO at mu. The default is the rule that ranked anomalies best
+        on the digits benchmark (README); the energy alone ranked them near chance.
     inference_loss : {"kl_plus", "kl_minus"}, default="kl_plus"
         Encoder objective: ``"kl_plus"`` minimises KL(Q||P) + KL(Q||Pi); ``"kl_minus"``
         (the authors' code) KL(Q||P) - KL(Q||Pi), which collapses the encoder variance.
@@ -118,7 +120,7 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
         self,
         *,
         objective: str = "triangle",
-        score_rule: str = "joint",
+        score_rule: str = "reconstruction",
         inference_loss: str = "kl_plus",
         latent_dim: int = 4,
         width: int | None = None,

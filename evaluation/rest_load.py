@@ -31,7 +31,7 @@ def _client(base: str, payload: dict, n_requests: int, *, stop_at: float) -> tup
     return latencies, errors
 
 
-def rest_load(*, clients: int = 8, total_requests: int = 2000,
+def rest_load(*, clients: int = 8, total_requests: int = 2000, workers: int = 2,
               rows_per_request: tuple[int, ...] = (1, 256), max_seconds: float = 300.0,
               epochs: int = 5) -> pd.DataFrame:
     """Fit a tabular detector, register it in a throwaway SQLite registry, serve it on
@@ -54,7 +54,8 @@ def rest_load(*, clients: int = 8, total_requests: int = 2000,
             info = log_model(detector, "m", registered_model_name="load-test")
         mlflow.MlflowClient().set_registered_model_alias("load-test", "prod",
                                                          info.registered_model_version)
-        with mlflow_server("models:/load-test@prod", tracking_uri=uri) as base:
+        with mlflow_server("models:/load-test@prod", tracking_uri=uri,
+                           workers=workers) as base:
             for n_rows in rows_per_request:
                 payload = {"dataframe_split": {"columns": feature_columns(detector),
                                                "data": X[:n_rows].tolist()}}
@@ -70,6 +71,7 @@ def rest_load(*, clients: int = 8, total_requests: int = 2000,
                 wall = time.perf_counter() - started
                 latencies = np.concatenate([np.asarray(r[0]) for r in results]) * 1e3
                 rows.append({"rows_per_request": n_rows, "clients": clients,
+                             "server_workers": workers,
                              "requests": len(latencies),
                              "errors": sum(r[1] for r in results),
                              "p50_ms": np.percentile(latencies, 50),

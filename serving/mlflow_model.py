@@ -34,8 +34,8 @@ class MlflowEpochLogger:
 class OnnxScorerModel(mlflow.pyfunc.PythonModel):
     """pyfunc wrapper around :class:`serving.runtime.OnnxDetector`.
 
-    The onnxruntime session is created on first use and never pickled: MLflow pickles this
-    object when it logs the model, after running it on the input example.
+    Logged "from code" (``mlflow_pyfunc_entry.py``), so loading unpickles nothing. The
+    onnxruntime session is created on first use and is never part of a pickled state.
     """
 
     def __init__(self) -> None:
@@ -102,7 +102,7 @@ def log_model(detector, name: str, registered_model_name: str | None = None,
         kwargs.setdefault("pip_requirements", _requirements())
         return mlflow.pyfunc.log_model(
             name=name,
-            python_model=OnnxScorerModel(),
+            python_model=str(Path(__file__).with_name("mlflow_pyfunc_entry.py")),
             artifacts={ARTIFACT_KEY: str(onnx_path)},
             signature=infer_signature(example, output),
             input_example=example,

@@ -36,7 +36,8 @@ def _stop(server: subprocess.Popen) -> None:
 
 @contextlib.contextmanager
 def mlflow_server(model_uri: str, *, host: str = "127.0.0.1", port: int | None = None,
-                  tracking_uri: str | None = None, timeout: float = 120.0) -> Iterator[str]:
+                  tracking_uri: str | None = None, workers: int = 1,
+                  timeout: float = 120.0) -> Iterator[str]:
     """Run ``mlflow models serve -m MODEL_URI --env-manager local`` until the block ends.
 
     Yields the base URL once ``/ping`` answers; the server is stopped on exit, also on error.
@@ -53,7 +54,7 @@ def mlflow_server(model_uri: str, *, host: str = "127.0.0.1", port: int | None =
     log = tempfile.TemporaryFile()
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
-         "--env-manager", "local", "-h", host, "-p", str(port)],
+         "--env-manager", "local", "-h", host, "-p", str(port), "-w", str(workers)],
         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     base = f"http://{host}:{port}"
     try:

@@ -178,3 +178,13 @@ def test_cli_export_and_score(exported, tmp_path, suffix):
     assert list(scores.columns) == ["score_samples", "decision", "label"]
     np.testing.assert_allclose(scores["score_samples"], det.score_samples(X), rtol=1e-5)
     np.testing.assert_array_equal(scores["label"], det.predict(X))
+
+
+@pytest.mark.parametrize("rule", ["joint", "energy", "elbo"])
+def test_every_score_rule_exports_with_parity(tmp_path, rule):
+    det = LatentEBMDetector(**TINY, score_rule=rule, random_state=0).fit(TABULAR)
+    runtime = OnnxDetector(det.to_onnx(tmp_path / f"{rule}.onnx"))
+    X = _fresh("tabular", 50)
+    np.testing.assert_allclose(runtime.score_samples(X), det.score_samples(X),
+                               rtol=1e-5, atol=1e-5)
+    assert runtime.score_rule_ == rule
