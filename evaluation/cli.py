@@ -14,7 +14,7 @@ import logging
 import sys
 from pathlib import Path
 
-SUITES = ("quick", "digits", "speed", "serving", "rest")
+SUITES = ("quick", "digits", "speed", "serving", "rest", "spark")
 DEFAULT_METHODS = ("triangle", "vae_ablation", "isolation_forest", "lof", "ocsvm")
 
 
@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "digits: the same protocol, 3 seeds, default epochs; "
                             "speed: training throughput, triangle vs VAE, MNIST-sized images; "
                             "serving: CPU scoring, torch vs ONNX Runtime; "
-                            "rest: load test of the MLflow REST server on 127.0.0.1")
+                            "rest: load test of the MLflow REST server on 127.0.0.1; "
+                            "spark: score 500k rows through spark_udf in local mode")
     bench.add_argument("--data", type=Path, default=None,
                        help="data directory: speed takes the MNIST npz directory, serving "
                             "the shared data root (with mnist/ and adbench/); random data if "
@@ -116,6 +117,13 @@ def run_bench(args: argparse.Namespace) -> int:
         table = rest_load()
         write_tables({"rest_load": table.set_index("rows_per_request")}, out)
         print(table.to_markdown(index=False, floatfmt=".2f"))
+        return 0
+    if args.suite == "spark":
+        from evaluation.spark_run import spark_run
+
+        table = spark_run()
+        write_tables({"spark": table.set_index("rows")}, out)
+        print(table.to_markdown(index=False, floatfmt=".3g"))
         return 0
     quick = args.suite == "quick"
     epochs = args.epochs if args.epochs is not None else (30 if quick else None)

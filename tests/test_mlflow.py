@@ -1,3 +1,5 @@
+import sys
+
 import mlflow
 import numpy as np
 import pandas as pd
@@ -96,3 +98,26 @@ def test_rest_serving_end_to_end(tracking, detector):
         assert requests.get(f"{base}/ping", timeout=5).status_code == 200
         again = requests.post(f"{base}/invocations", json=payload, timeout=30)
         assert again.status_code == 200
+
+
+@pytest.mark.slow
+def test_spark_udf_scores_like_local(tracking, detector, monkeypatch):
+    pyspark = pytest.importorskip("pyspark", reason="the 'spark' extra is not installed")
+    from serving.spark_scoring import score_spark
+
+    monkeypatch.setenv("PYSPARK_PYTHON", sys.executable)
+    with mlflow.start_run():
+        info = log_model(detector, "m", registered_model_name="spark")
+    spark = (pyspark.sql.SparkSession.builder.master("local[2]")
+             .config("spark.ui.enabled", "false").config("spark.driver.host", "127.0.0.1")
+             .config("spark.driver.bindAddress", "127.0.0.1").getOrCreate())
+    try:
+        frame = spark.createDataFrame(pd.DataFrame(X, columns=[f"x{i}" for i in range(4)]))
+        scored = score_spark(spark, f"models:/spark/{info.registered_model_version}",
+                             frame).toPandas()
+    finally:
+        spark.stop()
+    np.testing.assert_allclose(scored["score_samples"], detector.score_samples(X),
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(scored["label"], detector.predict(X))
+    assert list(scored.columns[:4]) == [f"x{i}" for i in range(4)]
