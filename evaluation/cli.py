@@ -70,14 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _held_out_report(log, out: Path) -> None:
-    from evaluation.results import per_target, summary, write_tables
+    from evaluation.results import markdown, per_target, summary, write_tables
 
     frame = log.frame()
     tables = {"summary": summary(frame), "auroc_per_class": per_target(frame, "auroc"),
               "auprc_per_class": per_target(frame, "auprc")}
     write_tables(tables, out)
     print(f"results: {log.path}\n")
-    print(tables["summary"].to_markdown(floatfmt=".3f"))
+    print(markdown(tables["summary"]))
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -85,7 +85,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
     from evaluation import datasets, speed
     from evaluation.methods import MethodOptions
-    from evaluation.results import write_tables
+    from evaluation.results import markdown, write_tables
     from evaluation.suites import digits_suite
 
     out = Path(args.out) / args.suite
@@ -97,7 +97,7 @@ def run_bench(args: argparse.Namespace) -> int:
             images = np.random.RandomState(0).randint(0, 256, (10000, 28, 28)).astype(np.uint8)
         table = speed.training_throughput(images)
         write_tables({"throughput": table.set_index("objective")}, out)
-        print(table.to_markdown(index=False, floatfmt=".3f"))
+        print(markdown(table.set_index("objective")))
         return 0
     if args.suite == "serving":
         from evaluation.serving_speed import serving_speed
@@ -107,23 +107,23 @@ def run_bench(args: argparse.Namespace) -> int:
                                             root / "mnist" if root else None)
         write_tables({"scoring_speed": timings.set_index("model"),
                       "http_end_to_end": end_to_end.set_index("method")}, out)
-        print(timings.to_markdown(index=False, floatfmt=".3f"))
+        print(markdown(timings.set_index("model")))
         print()
-        print(end_to_end.to_markdown(index=False, floatfmt=".2f"))
+        print(markdown(end_to_end.set_index("method"), digits=2))
         return 0
     if args.suite == "rest":
         from evaluation.rest_load import rest_load
 
         table = rest_load()
         write_tables({"rest_load": table.set_index("rows_per_request")}, out)
-        print(table.to_markdown(index=False, floatfmt=".2f"))
+        print(markdown(table.set_index("rows_per_request"), digits=1))
         return 0
     if args.suite == "spark":
         from evaluation.spark_run import spark_run
 
         table = spark_run()
         write_tables({"spark": table.set_index("rows")}, out)
-        print(table.to_markdown(index=False, floatfmt=".3g"))
+        print(markdown(table.set_index("rows"), digits=6))
         return 0
     quick = args.suite == "quick"
     epochs = args.epochs if args.epochs is not None else (30 if quick else None)

@@ -50,8 +50,16 @@ def per_target(frame: pd.DataFrame, metric: str = "auroc") -> pd.DataFrame:
     return frame.pivot_table(index="target", columns="method", values=metric, aggfunc="mean")
 
 
+def markdown(table: pd.DataFrame, digits: int = 3) -> str:
+    """Markdown with ``digits`` decimals for float columns and integers left as they are."""
+    formats = [".0f" if pd.api.types.is_integer_dtype(table.index) else f".{digits}f"]
+    formats += [".0f" if pd.api.types.is_integer_dtype(dtype) else f".{digits}f"
+                for dtype in table.dtypes]
+    return table.to_markdown(floatfmt=tuple(formats))
+
+
 def write_tables(tables: dict[str, pd.DataFrame], out_dir: str | Path) -> None:
     out_dir = Path(out_dir)
     for name, table in tables.items():
         table.to_csv(out_dir / f"{name}.csv")
-        (out_dir / f"{name}.md").write_text(table.to_markdown(floatfmt=".3f") + "\n")
+        (out_dir / f"{name}.md").write_text(markdown(table) + "\n")
