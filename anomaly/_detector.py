@@ -69,7 +69,14 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
     energy_width : int or None, default=None
         Width of the energy network; None = ``width // 2``, which halves the cost of the
         critic at no measured loss of accuracy.
+    energy_scale : float, default=1.0
+        E = energy_scale * softplus(critic output). Spectral normalisation caps the critic's
+        slope at 1, so this is the steepest the energy can be; larger values let the critic's
+        terms weigh against the reconstruction term (see the README's measurements).
     epochs : int, default=100
+    max_training_seconds : float or None, default=None
+        Stop after the first epoch that ends past this wall time (a time budget; results then
+        depend on the machine's speed).
     batch_size : int, default=64
     learning_rate : float, default=3e-4
         Encoder and generator.
@@ -126,7 +133,9 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
         width: int | None = None,
         depth: int = 2,
         energy_width: int | None = None,
+        energy_scale: float = 1.0,
         epochs: int = 100,
+        max_training_seconds: float | None = None,
         batch_size: int = 64,
         learning_rate: float = 3e-4,
         ebm_learning_rate: float = 1e-4,
@@ -146,7 +155,9 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
         self.width = width
         self.depth = depth
         self.energy_width = energy_width
+        self.energy_scale = energy_scale
         self.epochs = epochs
+        self.max_training_seconds = max_training_seconds
         self.batch_size = batch_size
         self.learning_rate = learning_rate
         self.ebm_learning_rate = ebm_learning_rate
@@ -183,7 +194,12 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, numbers.Integral) or value < 1):
                 raise ValueError(f"{name} must be None or a positive int, got {value!r}")
-        for name in ("learning_rate", "ebm_learning_rate", "decoder_sigma"):
+        if self.max_training_seconds is not None and not (
+                isinstance(self.max_training_seconds, numbers.Real)
+                and self.max_training_seconds > 0):
+            raise ValueError(f"max_training_seconds must be None or positive, "
+                             f"got {self.max_training_seconds!r}")
+        for name in ("learning_rate", "ebm_learning_rate", "decoder_sigma", "energy_scale"):
             value = getattr(self, name)
             if not isinstance(value, numbers.Real) or not value > 0:
                 raise ValueError(f"{name} must be a positive float, got {value!r}")
@@ -194,7 +210,8 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
         is_image = len(input_shape) == 3
         width = int(self.width if self.width is not None else (32 if is_image else 128))
         return NetworkConfig(input_shape=input_shape, latent_dim=int(self.latent_dim),
-                             width=width, depth=int(self.depth), energy_width=self.energy_width)
+                             width=width, depth=int(self.depth), energy_width=self.energy_width,
+                             energy_scale=float(self.energy_scale))
 
     def _train_config(self) -> TrainConfig:
         return TrainConfig(
@@ -203,6 +220,8 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
             lr_ebm=float(self.ebm_learning_rate), lr=float(self.learning_rate),
             weight_decay=float(self.weight_decay), lr_decay=float(self.lr_decay),
             decoder_sigma=float(self.decoder_sigma),
+            max_seconds=(None if self.max_training_seconds is None
+                         else float(self.max_training_seconds)),
         )
 
     def fit(self, X, y=None, *, callbacks: Sequence[EpochCallback] = ()):

@@ -14,8 +14,11 @@ import logging
 import sys
 from pathlib import Path
 
-SUITES = ("quick", "digits", "speed", "serving", "rest", "spark")
+SUITES = ("quick", "digits", "mnist", "images", "adbench", "reconstruction", "inpainting",
+          "speed", "serving", "rest", "spark")
+IMAGE_DEFAULT_CLASSES = (1, 4, 5, 7, 9)
 DEFAULT_METHODS = ("triangle", "vae_ablation", "isolation_forest", "lof", "ocsvm")
+PYOD_METHODS = ("pyod_knn", "pyod_ecod", "pyod_copod", "pyod_hbos", "pyod_pca", "pyod_vae")
 
 
 def _ints(text: str) -> list[int]:
@@ -40,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--suite", choices=SUITES, default="quick",
                        help="quick: load_digits, all digits, 1 seed, 30 epochs (a few minutes); "
                             "digits: the same protocol, 3 seeds, default epochs; "
+                            "mnist / images: held-out class on MNIST / an npz image set; "
+                            "adbench: the tabular ADBench protocol; "
+                            "reconstruction, inpainting: MNIST test images; "
                             "speed: training throughput, triangle vs VAE, MNIST-sized images; "
                             "serving: CPU scoring, torch vs ONNX Runtime; "
                             "rest: load test of the MLflow REST server on 127.0.0.1; "
@@ -49,11 +55,20 @@ def build_parser() -> argparse.ArgumentParser:
                             "the shared data root (with mnist/ and adbench/); random data if "
                             "omitted")
     bench.add_argument("--classes", "--digits", dest="classes", type=_ints, default=None,
-                       help="held-out classes, e.g. 1,4,7 (default: all)")
+                       help="held-out classes, e.g. 1,4,7 (default: all digits for digits, "
+                            "1,4,5,7,9 for image sets)")
+    bench.add_argument("--datasets", type=_names, default=None,
+                       help="adbench: dataset names, e.g. glass,wine (default: every file)")
+    bench.add_argument("--download", action="store_true",
+                       help="mnist without --data: let torchvision download MNIST")
+    bench.add_argument("--budget-minutes", type=float, default=None,
+                       help="training time budget per deep model (epochs then default to "
+                            "1000, so the budget decides)")
     bench.add_argument("--seeds", type=_ints, default=None, help="e.g. 0,1,2")
     bench.add_argument("--epochs", type=int, default=None, help="epochs of the deep methods")
     bench.add_argument("--methods", type=_names, default=None,
-                       help=f"comma-separated; default {','.join(DEFAULT_METHODS)}")
+                       help=f"comma-separated; default {','.join(DEFAULT_METHODS)}, plus "
+                            f"{','.join(PYOD_METHODS)} for mnist, images and adbench")
     bench.add_argument("--out", type=Path, default=Path("results"),
                        help="output directory (CSV and Markdown); reruns resume from it")
 
@@ -125,16 +140,78 @@ def run_bench(args: argparse.Namespace) -> int:
         write_tables({"spark": table.set_index("rows")}, out)
         print(markdown(table.set_index("rows"), digits=6))
         return 0
-    quick = args.suite == "quick"
-    epochs = args.epochs if args.epochs is not None else (30 if quick else None)
-    log = digits_suite(
-        out,
-        classes=args.classes if args.classes is not None else list(range(10)),
-        seeds=args.seeds if args.seeds is not None else ([0] if quick else [0, 1, 2]),
-        methods=args.methods or list(DEFAULT_METHODS),
-        options=MethodOptions(epochs=epochs),
-        verbose=True,
-    )
+    epochs = args.epochs
+    detector_params = {}
+    if args.budget_minutes is not None:
+        detector_params["max_training_seconds"] = 60.0 * args.budget_minutes
+        epochs = epochs if epochs is not None else 1000
+    if args.suite in ("quick", "digits"):
+        quick = args.suite == "quick"
+        log = digits_suite(
+            out,
+            classes=args.classes if args.classes is not None else list(range(10)),
+            seeds=args.seeds if args.seeds is not None else ([0] if quick else [0, 1, 2]),
+            methods=args.methods or list(DEFAULT_METHODS),
+            options=MethodOptions(epochs=epochs if epochs is not None else (30 if quick else
+                                                                             None),
+                                  detector_params=detector_params),
+        )
+        _held_out_report(log, out)
+        return 0
+    return _run_data_suite(args, out, epochs, detector_params)
+
+
+def _run_data_suite(args: argparse.Namespace, out: Path, epochs, detector_params) -> int:
+    from evaluation import datasets, suites
+    from evaluation.methods import MethodOptions
+    from evaluation.results import ResultLog, markdown, per_target, summary, write_tables
+
+    seeds = args.seeds if args.seeds is not None else [0]
+    methods = args.methods or list(DEFAULT_METHODS + PYOD_METHODS)
+    if args.suite == "adbench":
+        if args.data is None:
+            raise SystemExit("adbench needs --data DIRECTORY of ADBench npz files")
+        log = ResultLog(out / "adbench.csv")
+        suites.tabular_suite(args.data, names=args.datasets,
+                             seeds=args.seeds if args.seeds is not None else [0, 1, 2],
+                             methods=methods, log=log,
+                             options=MethodOptions(epochs=epochs,
+                                                   detector_params=detector_params))
+        frame = log.frame()
+        auroc = per_target(frame, "auroc")
+        ranks = auroc.rank(axis=1, ascending=False).mean().rename("mean_rank")
+        table = summary(frame).join(ranks)
+        write_tables({"summary": table, "auroc_per_dataset": auroc,
+                      "auprc_per_dataset": per_target(frame, "auprc")}, out)
+        print(markdown(table))
+        return 0
+    if args.suite == "images":
+        if args.data is None:
+            raise SystemExit("images needs --data FILE.npz with X and y")
+        X, y = datasets.labelled_images(args.data)
+        name = Path(args.data).stem
+    else:
+        X, y = datasets.mnist(args.data, download=args.download)
+        name = "mnist"
+    image_shape = tuple(X.shape[1:])
+    if args.suite in ("reconstruction", "inpainting"):
+        train, test = X[:60000], X[60000:]  # MNIST's own split: test digits are held out
+        options = MethodOptions(epochs=epochs, image_shape=image_shape,
+                                detector_params=detector_params)
+        recon, inpaint = suites.reconstruction_and_inpainting_suite(
+            train, test, low=0.0, high=255.0, seed=seeds[0], options=options, out=out)
+        write_tables({"reconstruction": recon, "inpainting": inpaint}, out)
+        print(markdown(recon, digits=4))
+        print()
+        print(markdown(inpaint, digits=4))
+        return 0
+    log = ResultLog(out / f"{name}.csv")
+    suites.held_out_class_suite(
+        X.reshape(len(X), -1), y, dataset=name,
+        classes=args.classes if args.classes is not None else list(IMAGE_DEFAULT_CLASSES),
+        seeds=seeds, methods=methods, log=log, plot_dir=out,
+        options=MethodOptions(epochs=epochs, image_shape=image_shape,
+                              detector_params=detector_params))
     _held_out_report(log, out)
     return 0
 

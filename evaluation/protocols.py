@@ -31,3 +31,28 @@ def held_out_class(X: np.ndarray, y: np.ndarray, held_out: int, *,
     y_test = np.concatenate([np.zeros(len(normal) - n_train, dtype=np.int64),
                              np.ones(len(anomalous), dtype=np.int64)])
     return Split(normal[order[:n_train]], X_test, y_test)
+
+
+def _stratified_cap(X: np.ndarray, y: np.ndarray, cap: int, seed: int
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    if len(y) <= cap:
+        return X, y
+    from sklearn.model_selection import train_test_split
+
+    X_kept, _, y_kept, _ = train_test_split(X, y, train_size=cap, stratify=y,
+                                            random_state=seed)
+    return X_kept, y_kept
+
+
+def tabular(X: np.ndarray, y: np.ndarray, seed: int, *, test_fraction: float = 0.3,
+            train_cap: int = 10_000, test_cap: int = 20_000) -> Split:
+    """ADBench-style: stratified 70/30 split with ``seed``; the training rows (anomalies
+    included, labels unused) are capped at ``train_cap`` and the test rows at ``test_cap`` by
+    stratified subsampling, the same rows for every method."""
+    from sklearn.model_selection import train_test_split
+
+    X_train, X_test, y_train, y_test = train_test_split(
+        X, y, test_size=test_fraction, stratify=y, random_state=seed)
+    X_train, _ = _stratified_cap(X_train, y_train, train_cap, seed)
+    X_test, y_test = _stratified_cap(X_test, y_test, test_cap, seed)
+    return Split(X_train, X_test, y_test.astype(np.int64))

@@ -8,15 +8,60 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from tqdm.auto import tqdm
 
 from anomaly import LatentEBMDetector
-from evaluation import datasets, protocols
-from evaluation.methods import MethodOptions, anomaly_scores, flat, make_method, scores_by_rule
+from evaluation import datasets, plots, protocols
+from evaluation.masks import MASKS, inpainting_error, occlusion_mask, reconstruction_mse
+from evaluation.methods import (
+    MethodOptions,
+    anomaly_scores,
+    flat,
+    make_method,
+    scores_by_rule,
+)
 from evaluation.metrics import detection_metrics
 from evaluation.results import ResultLog
 
 logger = logging.getLogger(__name__)
+
+
+def _fit_and_score(name: str, seed: int, options: MethodOptions | None, split: protocols.Split
+                   ) -> tuple[dict[str, np.ndarray], float]:
+    """Anomaly scores of the test rows per reported method name, and the fit time."""
+    method = make_method(name, seed, options)
+    started = time.perf_counter()
+    method.fit(flat(split.X_train))
+    fit_seconds = time.perf_counter() - started
+    test = flat(split.X_test)
+    scored = {name: anomaly_scores(method, test)}
+    if isinstance(method, LatentEBMDetector):
+        scored.update({f"{name}[{rule}]": s for rule, s in scores_by_rule(method, test).items()})
+    return scored, fit_seconds
+
+
+def _run_jobs(jobs, make_split, *, dataset_of, options, log: ResultLog, desc: str,
+              verbose: bool, plot_dir: Path | None = None) -> None:
+    """Run (target, seed, method) jobs not yet in ``log``; one ROC/PR plot per (target, seed)
+    is drawn from the methods run in this call."""
+    todo = [j for j in jobs if not log.done(dataset=dataset_of(j[0]), target=j[0], seed=j[1],
+                                            method=j[2])]
+    curves: dict[tuple, dict[str, np.ndarray]] = {}
+    for target, seed, name in tqdm(todo, desc=desc, disable=not verbose):
+        split = make_split(target, seed)
+        scored, fit_seconds = _fit_and_score(name, seed, options, split)
+        for method_name, scores in scored.items():
+            log.append({"dataset": dataset_of(target), "target": target, "seed": seed,
+                        "method": method_name, **detection_metrics(split.y_test, scores),
+                        "fit_seconds": round(fit_seconds, 2)})
+        if plot_dir is not None and seed == jobs[0][1]:
+            curves.setdefault((target, seed), {"y": split.y_test})[name] = scored[name]
+    for (target, seed), scores in curves.items():
+        y = scores.pop("y")
+        stem = f"{dataset_of(target)}_{target}_seed{seed}"
+        plots.roc_and_pr(y, scores, plot_dir / f"{stem}_roc_pr.png", title=stem)
+        plots.score_histograms(y, scores, plot_dir / f"{stem}_scores.png")
 
 
 def held_out_class_suite(
@@ -30,34 +75,90 @@ def held_out_class_suite(
     log: ResultLog,
     options: MethodOptions | None = None,
     verbose: bool = True,
+    plot_dir: Path | None = None,
 ) -> None:
     """Held-out-class protocol for every (class, seed, method) not yet in ``log``.
 
     Peers see flattened rows; our methods get the same rows and, when
     ``options.image_shape`` is set, reshape them to images inside the estimator.
     """
-    jobs = [(c, s, m) for c in classes for s in seeds for m in methods
-            if not log.done(dataset=dataset, target=c, seed=s, method=m)]
-    for held_out, seed, name in tqdm(jobs, desc=f"{dataset} held-out class",
-                                     disable=not verbose):
-        split = protocols.held_out_class(X, y, held_out)
-        method = make_method(name, seed, options)
-        started = time.perf_counter()
-        method.fit(flat(split.X_train))
-        fit_seconds = time.perf_counter() - started
-        scored = {name: anomaly_scores(method, flat(split.X_test))}
-        if isinstance(method, LatentEBMDetector):
-            scored.update({f"{name}[{rule}]": scores for rule, scores in
-                           scores_by_rule(method, flat(split.X_test)).items()})
-        for method_name, scores in scored.items():
-            log.append({"dataset": dataset, "target": held_out, "seed": seed,
-                        "method": method_name, **detection_metrics(split.y_test, scores),
-                        "fit_seconds": round(fit_seconds, 2)})
+    jobs = [(c, s, m) for c in classes for s in seeds for m in methods]
+    _run_jobs(jobs, lambda c, s: protocols.held_out_class(X, y, c),
+              dataset_of=lambda c: dataset, options=options, log=log,
+              desc=f"{dataset} held-out class", verbose=verbose, plot_dir=plot_dir)
+
+
+def tabular_suite(directory: Path, *, names: Sequence[str] | None, seeds: Sequence[int],
+                  methods: Sequence[str], log: ResultLog, options: MethodOptions | None = None,
+                  verbose: bool = True) -> None:
+    """ADBench-style protocol on every ``NN_name.npz`` in ``directory`` (or those named)."""
+    files = datasets.adbench(directory)
+    unknown = set(names or ()) - set(files)
+    if unknown:
+        raise ValueError(f"no ADBench file for {sorted(unknown)} in {directory}")
+    loaded: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def split(name: str, seed: int) -> protocols.Split:
+        if name not in loaded:
+            loaded.clear()  # one dataset in memory at a time
+            loaded[name] = datasets.load_adbench_file(files[name])
+        return protocols.tabular(*loaded[name], seed)
+
+    jobs = [(n, s, m) for n in (names or list(files)) for s in seeds for m in methods]
+    _run_jobs(jobs, split, dataset_of=lambda n: n, options=options, log=log,
+              desc="ADBench", verbose=verbose)
+
+
+def _image_detectors(X_train: np.ndarray, seed: int, options: MethodOptions):
+    params = {**options.detector_params, "random_state": seed}
+    if options.epochs is not None:
+        params["epochs"] = options.epochs
+    return {name: LatentEBMDetector(objective=objective, **params).fit(X_train)
+            for name, objective in (("triangle", "triangle"), ("vae_ablation", "vae"))}
+
+
+def reconstruction_and_inpainting_suite(
+    X_train: np.ndarray, X_test: np.ndarray, *, low: float, high: float, seed: int,
+    options: MethodOptions, out: Path, n_images: int = 1000,
+    masks: Sequence[str] = MASKS) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Reconstruction MSE on held-out images and inpainting errors per mask, for the
+    detector, its VAE ablation and a training-mean fill. Images ``(n, H, W)``."""
+    rng = np.random.RandomState(seed)
+    test = X_test[rng.choice(len(X_test), min(n_images, len(X_test)), replace=False)]
+    models = _image_detectors(X_train, seed, options)
+    recon_rows, inpaint_rows, grids = [], [], {}
+    for name, model in models.items():
+        reconstructed = model.reconstruct(test)
+        recon_rows.append({"method": name, **reconstruction_mse(test, reconstructed, low,
+                                                                 high)})
+        grids[name] = reconstructed[:12]
+    plots.image_grid([test[:12], *grids.values()], out / "reconstructions.png", low, high,
+                     labels=["data", *grids])
+    mean_image = X_train.mean(axis=0)
+    for kind in masks:
+        mask = occlusion_mask(kind, len(test), *test.shape[1:], rng)
+        occluded = np.where(mask, np.nan, test)
+        filled = {name: model.inpaint(occluded, mask) for name, model in models.items()}
+        filled["mean_fill"] = np.where(mask, mean_image, test)
+        for name, result in filled.items():
+            inpaint_rows.append({"mask": kind, "method": name,
+                                 "error": inpainting_error(test, result, mask, high - low)})
+        shown = np.where(mask[:12], low, test[:12])
+        plots.image_grid([test[:12], shown, *(r[:12] for r in filled.values())],
+                         out / f"inpainting_{kind}.png", low, high,
+                         labels=["data", kind, *filled])
+    samples = models["triangle"].sample(12, random_state=seed)
+    refined = models["triangle"].sample(12, langevin_steps=20, random_state=seed)
+    plots.image_grid([samples, refined], out / "samples.png", low, high,
+                     labels=["g(z)", "Langevin 20"])
+    inpainting = pd.DataFrame(inpaint_rows).pivot(index="mask", columns="method",
+                                                  values="error")
+    return pd.DataFrame(recon_rows).set_index("method"), inpainting.loc[list(masks)]
 
 
 def digits_suite(out: Path, *, classes, seeds, methods, options, verbose=True) -> ResultLog:
     X, y = datasets.digits()
     log = ResultLog(Path(out) / "digits.csv")
     held_out_class_suite(X, y, dataset="digits", classes=classes, seeds=seeds, methods=methods,
-                         log=log, options=options, verbose=verbose)
+                         log=log, options=options, verbose=verbose, plot_dir=Path(out))
     return log

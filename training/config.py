@@ -25,6 +25,10 @@ class NetworkConfig:
     energy_width : int or None
         Width of the energy network; None uses ``width // 2``: the critic costs as much as
         the encoder and generator together at full width, and half width measured no worse.
+    energy_scale : float
+        E = energy_scale * softplus(network output). Spectral normalisation bounds the
+        network's slope by 1, so this scale is the largest slope the energy can have; it puts
+        the critic's terms on the scale of the reconstruction term.
     spectral_norm : bool
         Spectral normalisation on every energy layer. Fitted models store the normalised
         weights as plain tensors and are rebuilt with ``spectral_norm=False``.
@@ -35,6 +39,7 @@ class NetworkConfig:
     width: int = 256
     depth: int = 2
     energy_width: int | None = None
+    energy_scale: float = 1.0
     spectral_norm: bool = True
 
     def __post_init__(self) -> None:
@@ -45,6 +50,8 @@ class NetworkConfig:
         for name in ("latent_dim", "width", "depth"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if not self.energy_scale > 0:
+            raise ValueError(f"energy_scale must be positive, got {self.energy_scale}")
         if self.is_image:
             step = 2**self.depth
             if shape[1] % step or shape[2] % step:
@@ -77,6 +84,7 @@ class TrainConfig:
     ``inference_loss`` is ``"kl_plus"`` (phi minimises KL(Q||P) + KL(Q||Pi)) or ``"kl_minus"``
     (the authors' KL(Q||P) - KL(Q||Pi)). ``decoder_sigma`` is the standard deviation of
     p(x|z) in preprocessed units; it weights reconstruction against the latent terms.
+    ``max_seconds`` ends training after the first epoch that finishes past this wall time.
     """
 
     objective: str = "triangle"
@@ -91,6 +99,7 @@ class TrainConfig:
     grad_clip: float | None = 100.0
     decoder_sigma: float = 0.3
     max_rollbacks: int = 3
+    max_seconds: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
@@ -102,6 +111,8 @@ class TrainConfig:
             )
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("epochs and batch_size must be positive")
+        if self.max_seconds is not None and self.max_seconds <= 0:
+            raise ValueError(f"max_seconds must be positive, got {self.max_seconds}")
         if self.decoder_sigma <= 0:
             raise ValueError(f"decoder_sigma must be positive, got {self.decoder_sigma}")
 

@@ -271,6 +271,7 @@ def train_networks(
     progress = tqdm(total=config.epochs, desc=f"training ({config.objective})",
                     disable=verbose == 0, leave=False)
     epoch = 0
+    training_started = time.perf_counter()
     while epoch < config.epochs:
         started = time.perf_counter()
         metrics = _run_epoch(step, networks, optimizers, data, config, generator)
@@ -303,6 +304,11 @@ def train_networks(
                               if k in ("reconstruction", "energy_gap", "encoder_variance")})
         progress.update(1)
         epoch += 1
+        if (config.max_seconds is not None
+                and time.perf_counter() - training_started > config.max_seconds):
+            logger.info("time budget of %.0f s reached after %d epochs", config.max_seconds,
+                        epoch)
+            break
     progress.close()
     networks.train(False)
     return history

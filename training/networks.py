@@ -93,7 +93,7 @@ class Generator(nn.Module):
 
 
 class JointEnergy(nn.Module):
-    """E(x, z) = softplus(head([h_x(x), h_z(z)])), shape ``(n,)``; low energy = likely pair."""
+    """E(x, z) = scale * softplus(head([h_x(x), h_z(z)])), shape ``(n,)``; low = likely pair."""
 
     def __init__(self, config: NetworkConfig) -> None:
         super().__init__()
@@ -107,6 +107,7 @@ class JointEnergy(nn.Module):
             self.x_branch = nn.Sequential(*_mlp(sizes))
         self.z_branch = nn.Sequential(*_mlp([config.latent_dim, width, width]))
         self.head = nn.Sequential(*_mlp([2 * width, width]), nn.Linear(width, 1))
+        self.scale = float(config.energy_scale)
         if config.spectral_norm:
             for module in self.modules():
                 if isinstance(module, (nn.Linear, nn.Conv2d)):
@@ -114,7 +115,7 @@ class JointEnergy(nn.Module):
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         h = torch.cat([self.x_branch(x), self.z_branch(z)], dim=1)
-        return nn.functional.softplus(self.head(h)).squeeze(1)
+        return self.scale * nn.functional.softplus(self.head(h)).squeeze(1)
 
 
 @dataclass
