@@ -80,12 +80,31 @@ class Pairs:
     x_p: torch.Tensor      # like x, g(z_p)
 
 
+def _reparameterise(mu: torch.Tensor, logvar: torch.Tensor,
+                    generator: torch.Generator | None) -> torch.Tensor:
+    """z = mu + sigma * eps, differentiable in mu and logvar."""
+    eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+    return mu + torch.exp(0.5 * logvar) * eps
+
+
+def _update_encoder_and_generator(networks: Networks, optimizers: Optimizers,
+                                  loss: torch.Tensor, config: TrainConfig) -> None:
+    """Backward ``loss`` into the encoder and generator only, clip, step both."""
+    optimizers.encoder.zero_grad(set_to_none=True)
+    optimizers.generator.zero_grad(set_to_none=True)
+    loss.backward(inputs=list(networks.encoder.parameters())
+                  + list(networks.generator.parameters()))
+    _clip(networks.encoder, config.grad_clip)
+    _clip(networks.generator, config.grad_clip)
+    optimizers.encoder.step()
+    optimizers.generator.step()
+
+
 def draw_pairs(networks: Networks, x: torch.Tensor,
                generator: torch.Generator | None = None) -> Pairs:
     n = x.shape[0]
     mu, logvar = networks.encoder(x)
-    z_q = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=generator,
-                                                     device=mu.device, dtype=mu.dtype)
+    z_q = _reparameterise(mu, logvar, generator)
     z_p = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
     # One generator call for both latents: fewer, larger kernels.
     x_rec, x_p = networks.generator(torch.cat([z_q, z_p])).split(n)
@@ -135,14 +154,7 @@ def encoder_generator_update(networks: Networks, optimizers: Optimizers, x: torc
                              pairs: Pairs, config: TrainConfig) -> dict[str, torch.Tensor]:
     """Steps 2 and 3 against the updated critic; the critic's parameters do not move."""
     losses = encoder_generator_losses(networks, x, pairs, config)
-    optimizers.encoder.zero_grad(set_to_none=True)
-    optimizers.generator.zero_grad(set_to_none=True)
-    losses["fused"].backward(inputs=list(networks.encoder.parameters())
-                             + list(networks.generator.parameters()))
-    _clip(networks.encoder, config.grad_clip)
-    _clip(networks.generator, config.grad_clip)
-    optimizers.encoder.step()
-    optimizers.generator.step()
+    _update_encoder_and_generator(networks, optimizers, losses["fused"], config)
     return losses
 
 
@@ -182,17 +194,9 @@ def vae_step(
 ) -> dict[str, torch.Tensor]:
     """One update of the plain VAE (the ablation): encoder and generator on the negative ELBO."""
     mu, logvar = networks.encoder(x)
-    z_q = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=generator,
-                                                     device=mu.device, dtype=mu.dtype)
-    x_rec = networks.generator(z_q)
+    x_rec = networks.generator(_reparameterise(mu, logvar, generator))
     loss = objectives.vae_loss(x, x_rec, mu, logvar, config.decoder_sigma)
-    optimizers.encoder.zero_grad(set_to_none=True)
-    optimizers.generator.zero_grad(set_to_none=True)
-    loss.backward()
-    _clip(networks.encoder, config.grad_clip)
-    _clip(networks.generator, config.grad_clip)
-    optimizers.encoder.step()
-    optimizers.generator.step()
+    _update_encoder_and_generator(networks, optimizers, loss, config)
     with torch.no_grad():
         return {
             "loss_vae": loss.detach(),
