@@ -38,3 +38,16 @@ def test_spectral_norm_on_every_energy_layer_and_freeze():
     linear = next(m for m in layers if isinstance(m, nn.Linear))
     sigma_max = torch.linalg.matrix_norm(linear.weight.detach(), ord=2).item()
     assert sigma_max == pytest.approx(1.0, rel=0.05)
+
+
+def test_energy_scale_multiplies_the_energy():
+    torch.manual_seed(0)
+    base = build_networks(NetworkConfig(input_shape=(5,), width=4, depth=1))
+    torch.manual_seed(0)
+    scaled = build_networks(NetworkConfig(input_shape=(5,), width=4, depth=1, energy_scale=7.0))
+    base.energy.eval()
+    scaled.energy.eval()
+    x, z = torch.randn(3, 5), torch.randn(3, 16)
+    torch.testing.assert_close(scaled.energy(x, z), 7.0 * base.energy(x, z))
+    with pytest.raises(ValueError, match="energy_scale"):
+        NetworkConfig(input_shape=(5,), energy_scale=0.0)
