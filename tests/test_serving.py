@@ -156,13 +156,15 @@ def test_energy_and_encoder_graphs(exported, tmp_path):
         export_onnx(vae, tmp_path / "none.onnx", "energy")
 
 
-@pytest.mark.parametrize("suffix", [".npy", ".csv", ".parquet"])
+@pytest.mark.parametrize("suffix", [".npy", ".npz", ".csv", ".parquet"])
 def test_cli_export_and_score(exported, tmp_path, suffix):
     det, _ = exported["tabular"]
     X = _fresh("tabular", 20)
     data = tmp_path / f"data{suffix}"
     if suffix == ".npy":
         np.save(data, X)
+    elif suffix == ".npz":
+        np.savez(data, X=X, y=np.zeros(len(X)))
     elif suffix == ".csv":
         pd.DataFrame(X).to_csv(data, index=False)
     else:
