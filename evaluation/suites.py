@@ -109,14 +109,6 @@ def tabular_suite(directory: Path, *, names: Sequence[str] | None, seeds: Sequen
               desc="ADBench", verbose=verbose)
 
 
-def _image_detectors(X_train: np.ndarray, seed: int, options: MethodOptions):
-    params = {**options.detector_params, "random_state": seed}
-    if options.epochs is not None:
-        params["epochs"] = options.epochs
-    return {name: LatentEBMDetector(objective=objective, **params).fit(X_train)
-            for name, objective in (("triangle", "triangle"), ("vae_ablation", "vae"))}
-
-
 def reconstruction_and_inpainting_suite(
     X_train: np.ndarray, X_test: np.ndarray, *, low: float, high: float, seed: int,
     options: MethodOptions, out: Path, n_images: int = 1000,
@@ -125,7 +117,8 @@ def reconstruction_and_inpainting_suite(
     detector, its VAE ablation and a training-mean fill. Images ``(n, H, W)``."""
     rng = np.random.RandomState(seed)
     test = X_test[rng.choice(len(X_test), min(n_images, len(X_test)), replace=False)]
-    models = _image_detectors(X_train, seed, options)
+    models = {name: make_method(name, seed, options).fit(X_train)
+              for name in ("triangle", "vae_ablation")}
     recon_rows, inpaint_rows, grids = [], [], {}
     for name, model in models.items():
         reconstructed = model.reconstruct(test)

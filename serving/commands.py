@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from serving.data_files import read_rows
 
 
@@ -33,7 +35,7 @@ def score_command(model: Path, data: Path, out: Path) -> int:
         score = detector.score_samples(rows)
         decision = score - detector.offset_
         result = {"score_samples": score, "decision": decision,
-                  "label": (decision >= 0).astype(int) * 2 - 1}
+                  "label": np.where(decision < 0, -1, 1)}
     frame = pd.DataFrame(result)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(out, index=False)
