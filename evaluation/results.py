@@ -28,6 +28,10 @@ class ResultLog:
         return self.key(**values) in self._done
 
     def append(self, row: dict) -> None:
+        if self.path.is_file() and self.path.stat().st_size:
+            # keep the file's columns (older logs may lack newer ones, such as "error")
+            columns = pd.read_csv(self.path, nrows=0).columns
+            row = {c: row.get(c, "") for c in columns}
         frame = pd.DataFrame([row])
         write_header = not self.path.is_file() or not self.path.stat().st_size
         frame.to_csv(self.path, mode="a", header=write_header, index=False)

@@ -50,11 +50,22 @@ def _run_jobs(jobs, make_split, *, dataset_of, options, log: ResultLog, desc: st
     curves: dict[tuple, dict[str, np.ndarray]] = {}
     for target, seed, name in tqdm(todo, desc=desc, disable=not verbose):
         split = make_split(target, seed)
-        scored, fit_seconds = _fit_and_score(name, seed, options, split)
+        row = {"dataset": dataset_of(target), "target": target, "seed": seed}
+        try:
+            scored, fit_seconds = _fit_and_score(name, seed, options, split)
+        except Exception as err:  # noqa: BLE001  one failing peer must not end the suite
+            logger.warning("%s on %s/%s seed %s failed: %s", name, row["dataset"], target,
+                           seed, err)
+            log.append({**row, "method": name, "auroc": np.nan, "auprc": np.nan,
+                        "fit_seconds": np.nan, "error": f"{type(err).__name__}: {err}"})
+            continue
         for method_name, scores in scored.items():
-            log.append({"dataset": dataset_of(target), "target": target, "seed": seed,
-                        "method": method_name, **detection_metrics(split.y_test, scores),
-                        "fit_seconds": round(fit_seconds, 2)})
+            finite = np.isfinite(scores).all()
+            metrics = (detection_metrics(split.y_test, scores) if finite
+                       else {"auroc": np.nan, "auprc": np.nan})
+            log.append({**row, "method": method_name, **metrics,
+                        "fit_seconds": round(fit_seconds, 2),
+                        "error": "" if finite else "non-finite scores"})
         if plot_dir is not None and seed == jobs[0][1]:
             curves.setdefault((target, seed), {"y": split.y_test})[name] = scored[name]
     for (target, seed), scores in curves.items():

@@ -85,3 +85,24 @@ def test_quick_suite_end_to_end(tmp_path, capsys):
     assert table["auroc_mean"].between(0, 1).all()
     assert (tmp_path / "quick" / "summary.md").read_text().startswith("| method")
     assert "lof" in capsys.readouterr().out
+
+
+def test_a_failing_or_non_finite_peer_is_recorded_not_fatal(tmp_path, monkeypatch):
+    import evaluation.suites as suites
+
+    real = suites.anomaly_scores
+
+    def flaky(method, X):
+        scores = real(method, X)
+        if type(method).__name__ == "IsolationForest":
+            scores[0] = np.inf
+        return scores
+
+    monkeypatch.setattr(suites, "anomaly_scores", flaky)
+    log = ResultLog(tmp_path / "r.csv")
+    _tiny_suite(log, ["isolation_forest", "no_such_method", "lof"])
+    frame = pd.read_csv(tmp_path / "r.csv").set_index("method")
+    assert frame.loc["isolation_forest", "error"] == "non-finite scores"
+    assert np.isnan(frame.loc["isolation_forest", "auroc"])
+    assert "unknown method" in frame.loc["no_such_method", "error"]
+    assert frame.loc["lof", "auroc"] > 0.9
