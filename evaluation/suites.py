@@ -53,7 +53,7 @@ def _run_jobs(jobs, make_split, *, dataset_of, options, log: ResultLog, desc: st
         row = {"dataset": dataset_of(target), "target": target, "seed": seed}
         try:
             scored, fit_seconds = _fit_and_score(name, seed, options, split)
-        except Exception as err:  # noqa: BLE001  one failing peer must not end the suite
+        except Exception as err:
             logger.warning("%s on %s/%s seed %s failed: %s", name, row["dataset"], target,
                            seed, err)
             log.append({**row, "method": name, "auroc": np.nan, "auprc": np.nan,
@@ -66,7 +66,7 @@ def _run_jobs(jobs, make_split, *, dataset_of, options, log: ResultLog, desc: st
             log.append({**row, "method": method_name, **metrics,
                         "fit_seconds": round(fit_seconds, 2),
                         "error": "" if finite else "non-finite scores"})
-        if plot_dir is not None and seed == jobs[0][1]:
+        if plot_dir is not None and seed == jobs[0][1] and np.isfinite(scored[name]).all():
             curves.setdefault((target, seed), {"y": split.y_test})[name] = scored[name]
     for (target, seed), scores in curves.items():
         y = scores.pop("y")

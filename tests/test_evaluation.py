@@ -44,13 +44,14 @@ def test_peer_score_signs_agree_higher_is_anomalous():
         assert scores[-5:].min() > np.median(scores[:20]), name
 
 
-def _tiny_suite(log, methods):
+def _tiny_suite(log, methods, plot_dir=None):
     rng = np.random.RandomState(0)
     X = rng.normal(size=(90, 4, 4))
     y = np.repeat(np.arange(3), 30)
     X[y == 2] += 3.0
     held_out_class_suite(X, y, dataset="toy", classes=[2], seeds=[0], methods=methods,
-                         log=log, options=MethodOptions(detector_params=TINY), verbose=False)
+                         log=log, options=MethodOptions(detector_params=TINY), verbose=False,
+                         plot_dir=plot_dir)
 
 
 def test_result_log_resumes(tmp_path):
@@ -94,15 +95,16 @@ def test_a_failing_or_non_finite_peer_is_recorded_not_fatal(tmp_path, monkeypatc
 
     def flaky(method, X):
         scores = real(method, X)
-        if type(method).__name__ == "IsolationForest":
+        if type(method).__name__ == "IsolationForest":  # an inf score, as PyOD PCA gives
             scores[0] = np.inf
         return scores
 
     monkeypatch.setattr(suites, "anomaly_scores", flaky)
     log = ResultLog(tmp_path / "r.csv")
-    _tiny_suite(log, ["isolation_forest", "no_such_method", "lof"])
+    _tiny_suite(log, ["isolation_forest", "no_such_method", "lof"], plot_dir=tmp_path)
     frame = pd.read_csv(tmp_path / "r.csv").set_index("method")
     assert frame.loc["isolation_forest", "error"] == "non-finite scores"
     assert np.isnan(frame.loc["isolation_forest", "auroc"])
     assert "unknown method" in frame.loc["no_such_method", "error"]
     assert frame.loc["lof", "auroc"] > 0.9
+    assert (tmp_path / "toy_2_seed0_roc_pr.png").is_file()  # drawn without the inf scores
