@@ -8,7 +8,6 @@ large batch.
 
 from __future__ import annotations
 
-import copy
 import tempfile
 import time
 from collections.abc import Callable
@@ -19,7 +18,7 @@ import pandas as pd
 import torch
 
 from anomaly import LatentEBMDetector
-from serving.export import FusedScorer
+from serving.export import FusedScorer, export_scorer
 from serving.runtime import OnnxDetector
 
 
@@ -47,9 +46,7 @@ def _throughput(fn: Callable[[np.ndarray], object], rows: np.ndarray, repeats: i
 
 def _torch_eager(detector: LatentEBMDetector) -> Callable[[np.ndarray], np.ndarray]:
     """The exported module itself (float32 networks, float64 sums) run by torch."""
-    scorer = copy.deepcopy(detector.scorer_).to(torch.float32).eval()
-    scorer.shift, scorer.scale = detector.scorer_.shift, detector.scorer_.scale
-    module = FusedScorer(scorer, detector.offset_).eval()
+    module = FusedScorer(export_scorer(detector), detector.offset_).eval()
 
     def run(rows: np.ndarray) -> np.ndarray:
         with torch.inference_mode():

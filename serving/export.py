@@ -60,11 +60,17 @@ class EnergyGraph(nn.Module):
         return self.scorer.energy(self.scorer.preprocess(x).to(torch.float32), z)
 
 
-def _graph(detector, graph: str) -> tuple[nn.Module, tuple, tuple[str, ...], tuple[str, ...]]:
+def export_scorer(detector) -> AnomalyScorer:
+    """A copy of the fitted scorer as exported: networks in float32 (what GPUs and ONNX
+    Runtime's conv kernels want); input, preprocessing and the score's sums in float64, so
+    that scores agree with the estimator."""
     scorer = copy.deepcopy(detector.scorer_).to(torch.float32).eval()
-    # Networks run in float32 (what GPUs and ONNX Runtime's conv kernels want); input,
-    # preprocessing and the score's sums stay float64 so that scores agree with the estimator.
     scorer.shift, scorer.scale = (detector.scorer_.shift.clone(), detector.scorer_.scale.clone())
+    return scorer
+
+
+def _graph(detector, graph: str) -> tuple[nn.Module, tuple, tuple[str, ...], tuple[str, ...]]:
+    scorer = export_scorer(detector)
     x = torch.zeros(2, detector.n_features_in_, dtype=torch.float64)
     if graph == "scorer":
         return (FusedScorer(scorer, detector.offset_), (x,), ("x",),
