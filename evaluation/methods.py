@@ -17,7 +17,9 @@ from sklearn.neighbors import LocalOutlierFactor
 from sklearn.svm import OneClassSVM
 
 from anomaly import LatentEBMDetector
-from training import SCORE_RULES, AnomalyScorer
+
+# Rows per scoring pass: bounds the float64 activations of the conv nets in memory.
+_SCORING_CHUNK = 4096
 
 SKLEARN_PEERS = ("isolation_forest", "lof", "ocsvm")
 PYOD_PEERS = ("pyod_knn", "pyod_ecod", "pyod_copod", "pyod_hbos", "pyod_pca", "pyod_vae")
@@ -85,19 +87,15 @@ def anomaly_scores(method: Any, X: np.ndarray) -> np.ndarray:
 
 
 def scores_by_rule(detector: LatentEBMDetector, X: np.ndarray) -> dict[str, np.ndarray]:
-    """Anomaly scores of one fitted detector under every score rule it supports (one fit,
-    so the rules are compared on identical networks)."""
-    fitted = detector.scorer_
-    rows = torch.as_tensor(flat(X), dtype=torch.float64)
-    out = {}
-    for rule in SCORE_RULES:
-        if rule == "energy" and fitted.energy is None:
-            continue
-        scorer = AnomalyScorer(fitted.networks, fitted.shift, fitted.scale, fitted.input_shape,
-                               rule, fitted.decoder_sigma)
-        with torch.no_grad():
-            out[rule] = scorer(rows).numpy()
-    return out
+    """Anomaly scores of one fitted detector under every score rule it supports, from one
+    pass through its networks (one fit, so the rules are compared on identical networks)."""
+    rows = flat(X)
+    chunks = []
+    with torch.no_grad():
+        for start in range(0, len(rows), _SCORING_CHUNK):
+            batch = torch.from_numpy(rows[start:start + _SCORING_CHUNK])
+            chunks.append({r: s.numpy() for r, s in detector.scorer_.scores(batch).items()})
+    return {rule: np.concatenate([c[rule] for c in chunks]) for rule in chunks[0]}
 
 
 def flat(X: np.ndarray) -> np.ndarray:

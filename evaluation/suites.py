@@ -35,10 +35,11 @@ def _fit_and_score(name: str, seed: int, options: MethodOptions | None, split: p
     method.fit(flat(split.X_train))
     fit_seconds = time.perf_counter() - started
     test = flat(split.X_test)
-    scored = {name: anomaly_scores(method, test)}
-    if isinstance(method, LatentEBMDetector):
-        scored.update({f"{name}[{rule}]": s for rule, s in scores_by_rule(method, test).items()})
-    return scored, fit_seconds
+    if not isinstance(method, LatentEBMDetector):
+        return {name: anomaly_scores(method, test)}, fit_seconds
+    by_rule = scores_by_rule(method, test)
+    return ({name: by_rule[method.score_rule]}
+            | {f"{name}[{rule}]": s for rule, s in by_rule.items()}), fit_seconds
 
 
 def _run_jobs(jobs, make_split, *, dataset_of, options, log: ResultLog, desc: str,

@@ -1,6 +1,7 @@
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from evaluation import cli, datasets, protocols
 from evaluation.methods import MethodOptions, anomaly_scores, make_method, scores_by_rule
@@ -74,6 +75,20 @@ def test_scores_by_rule_match_the_estimator(images):
     rules = scores_by_rule(det, images)
     assert set(rules) == {"energy", "joint", "reconstruction", "elbo"}
     np.testing.assert_allclose(rules["elbo"], det.anomaly_score(images))
+    # Each rule by its definition, from the networks directly.
+    fitted = det.scorer_
+    with torch.no_grad():
+        x = fitted.preprocess(torch.from_numpy(images.reshape(len(images), -1)))
+        mu, logvar = fitted.encoder(x)
+        energy = fitted.energy(x, mu).numpy()
+        sq_error = ((x - fitted.generator(mu)) ** 2).flatten(1).sum(1).numpy()
+    recon = sq_error / (2 * fitted.decoder_sigma ** 2)
+    kl = 0.5 * (mu ** 2 + logvar.exp() - 1 - logvar).sum(1).numpy()
+    prior = 0.5 * (mu ** 2).sum(1).numpy()
+    np.testing.assert_allclose(rules["energy"], energy, rtol=1e-10)
+    np.testing.assert_allclose(rules["reconstruction"], recon, rtol=1e-10)
+    np.testing.assert_allclose(rules["elbo"], recon + kl, rtol=1e-10)
+    np.testing.assert_allclose(rules["joint"], energy + recon + prior, rtol=1e-10)
 
 
 @pytest.mark.slow

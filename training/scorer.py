@@ -64,6 +64,17 @@ class AnomalyScorer(nn.Module):
         return x_model.flatten(1) * self.scale + self.shift
 
     def forward(self, x_raw: torch.Tensor) -> torch.Tensor:
+        return self.scores(x_raw, (self.rule,))[self.rule]
+
+    def scores(self, x_raw: torch.Tensor, rules: tuple[str, ...] = SCORE_RULES
+               ) -> dict[str, torch.Tensor]:
+        """Anomaly scores of ``(n, n_features)`` raw rows under several rules from one pass
+        through the networks; each network runs only if a requested rule needs it."""
+        unknown = set(rules) - set(SCORE_RULES)
+        if unknown:
+            raise ValueError(f"unknown score rules {sorted(unknown)}; expected {SCORE_RULES}")
+        if self.energy is None:
+            rules = tuple(r for r in rules if r != "energy")
         # Preprocessing and the score's sums run in the dtype of the input and of shift/scale;
         # the networks in their own. A float32 network (the ONNX export) under float64 input
         # then loses precision only inside the networks, not in the large sums.
@@ -71,15 +82,21 @@ class AnomalyScorer(nn.Module):
         x_net = x.to(self.encoder.mu.weight.dtype)
         mu_net, logvar = self.encoder(x_net)                           # (n, k) each
         mu = mu_net.to(x.dtype)
-        if self.rule == "energy":
-            return self.energy(x_net, mu_net).to(x.dtype)
-        x_hat = self.generator(mu_net).to(x.dtype)
-        recon = objectives.reconstruction_nll(x, x_hat, self.decoder_sigma)
-        if self.rule == "reconstruction":
-            return recon
-        if self.rule == "elbo":
-            return recon + objectives.kl_to_prior(mu, logvar.to(x.dtype))
-        score = recon + objectives.prior_nll(mu)
-        if self.energy is not None:
-            score = score + self.energy(x_net, mu_net).to(x.dtype)
-        return score
+        energy = recon = None
+        if self.energy is not None and {"energy", "joint"} & set(rules):
+            energy = self.energy(x_net, mu_net).to(x.dtype)            # (n,)
+        if {"joint", "reconstruction", "elbo"} & set(rules):
+            x_hat = self.generator(mu_net).to(x.dtype)
+            recon = objectives.reconstruction_nll(x, x_hat, self.decoder_sigma)
+        out = {}
+        for rule in rules:
+            if rule == "energy":
+                out[rule] = energy
+            elif rule == "reconstruction":
+                out[rule] = recon
+            elif rule == "elbo":
+                out[rule] = recon + objectives.kl_to_prior(mu, logvar.to(x.dtype))
+            else:
+                joint = recon + objectives.prior_nll(mu)
+                out[rule] = joint if energy is None else joint + energy
+        return out
