@@ -76,8 +76,8 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
         triangle behaves like a VAE; 10 measured best of 1/10/20/30 on digits (README).
     epochs : int, default=100
     max_training_seconds : float or None, default=None
-        Stop after the first epoch that ends past this wall time (a time budget; results then
-        depend on the machine's speed).
+        Stop after the first minibatch that ends past this wall time, even inside an epoch (a
+        time budget; results then depend on the machine's speed).
     batch_size : int, default=64
     learning_rate : float, default=3e-4
         Encoder and generator.

@@ -66,7 +66,8 @@ def test_persistent_nan_raises(monkeypatch):
         train_networks(_nets(), torch.randn(16, 4), TrainConfig(epochs=2, max_rollbacks=2))
 
 
-def test_time_budget_stops_after_the_epoch_that_crosses_it():
-    history = train_networks(_nets(), torch.randn(32, 4),
+def test_time_budget_stops_after_the_minibatch_that_crosses_it():
+    history = train_networks(_nets(), torch.randn(64, 4),
                              TrainConfig(epochs=50, batch_size=16, max_seconds=1e-9))
     assert len(history.epochs) == 1
+    assert history.epochs[0]["batches_fraction"] == 0.25  # one of four minibatches ran

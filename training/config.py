@@ -84,7 +84,8 @@ class TrainConfig:
     ``inference_loss`` is ``"kl_plus"`` (phi minimises KL(Q||P) + KL(Q||Pi)) or ``"kl_minus"``
     (the authors' KL(Q||P) - KL(Q||Pi)). ``decoder_sigma`` is the standard deviation of
     p(x|z) in preprocessed units; it weights reconstruction against the latent terms.
-    ``max_seconds`` ends training after the first epoch that finishes past this wall time.
+    ``max_seconds`` ends training after the first minibatch that finishes past this wall time
+    (the last epoch is then partial).
     """
 
     objective: str = "triangle"

@@ -229,13 +229,17 @@ def _restore(snapshot: _Snapshot, networks: Networks, optimizers: Optimizers,
         scheduler.load_state_dict(state)
 
 
-def _run_epoch(step, networks, optimizers, data, config, generator) -> dict[str, float] | None:
-    """One pass over ``data`` in a random order; None as soon as a loss is not finite."""
+def _run_epoch(step, networks, optimizers, data, config, generator, deadline: float | None
+               ) -> dict[str, float] | None:
+    """One pass over ``data`` in a random order, cut short after the minibatch that crosses
+    ``deadline`` (a ``time.perf_counter`` value); None as soon as a loss is not finite.
+    ``batches_fraction`` in the result says how much of the epoch ran."""
     n = data.shape[0]
     order = torch.randperm(n, generator=generator, device=data.device)
     totals: dict[str, torch.Tensor] = {}
     n_batches = 0
-    for start in range(0, n, config.batch_size):
+    starts = range(0, n, config.batch_size)
+    for start in starts:
         metrics = step(networks, optimizers, data[order[start:start + config.batch_size]],
                        config, generator)
         if not all(torch.isfinite(v) for v in metrics.values()):
@@ -243,7 +247,11 @@ def _run_epoch(step, networks, optimizers, data, config, generator) -> dict[str,
         for key, value in metrics.items():
             totals[key] = totals.get(key, 0.0) + value
         n_batches += 1
-    return {key: float(value) / n_batches for key, value in totals.items()}
+        if deadline is not None and time.perf_counter() > deadline:
+            break
+    out = {key: float(value) / n_batches for key, value in totals.items()}
+    out["batches_fraction"] = n_batches / len(starts)
+    return out
 
 
 def train_networks(
@@ -275,10 +283,11 @@ def train_networks(
     progress = tqdm(total=config.epochs, desc=f"training ({config.objective})",
                     disable=verbose == 0, leave=False)
     epoch = 0
-    training_started = time.perf_counter()
+    deadline = (None if config.max_seconds is None
+                else time.perf_counter() + config.max_seconds)
     while epoch < config.epochs:
         started = time.perf_counter()
-        metrics = _run_epoch(step, networks, optimizers, data, config, generator)
+        metrics = _run_epoch(step, networks, optimizers, data, config, generator, deadline)
         finite_params = metrics is not None and all(
             torch.isfinite(p).all() for m in networks.modules() for p in m.parameters())
         if not finite_params:
@@ -308,10 +317,8 @@ def train_networks(
                               if k in ("reconstruction", "energy_gap", "encoder_variance")})
         progress.update(1)
         epoch += 1
-        if (config.max_seconds is not None
-                and time.perf_counter() - training_started > config.max_seconds):
-            logger.info("time budget of %.0f s reached after %d epochs", config.max_seconds,
-                        epoch)
+        if deadline is not None and time.perf_counter() > deadline:
+            logger.info("time budget of %.0f s reached in epoch %d", config.max_seconds, epoch)
             break
     progress.close()
     networks.train(False)
