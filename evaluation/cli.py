@@ -164,7 +164,7 @@ def run_bench(args: argparse.Namespace) -> int:
 def _run_data_suite(args: argparse.Namespace, out: Path, epochs, detector_params) -> int:
     from evaluation import datasets, suites
     from evaluation.methods import MethodOptions
-    from evaluation.results import ResultLog, markdown, per_target, summary, write_tables
+    from evaluation.results import ResultLog, markdown, mean_rank, per_target, summary, write_tables
 
     seeds = args.seeds if args.seeds is not None else [0]
     methods = args.methods or list(DEFAULT_METHODS + PYOD_METHODS)
@@ -179,8 +179,7 @@ def _run_data_suite(args: argparse.Namespace, out: Path, epochs, detector_params
                                                    detector_params=detector_params))
         frame = log.frame()
         auroc = per_target(frame, "auroc")
-        ranks = auroc.rank(axis=1, ascending=False).mean().rename("mean_rank")
-        table = summary(frame).join(ranks)
+        table = summary(frame).join(mean_rank(auroc))
         write_tables({"summary": table, "auroc_per_dataset": auroc,
                       "auprc_per_dataset": per_target(frame, "auprc")}, out)
         print(markdown(table))

@@ -54,6 +54,15 @@ def per_target(frame: pd.DataFrame, metric: str = "auroc") -> pd.DataFrame:
     return frame.pivot_table(index="target", columns="method", values=metric, aggfunc="mean")
 
 
+def mean_rank(per_target_table: pd.DataFrame) -> pd.Series:
+    """Mean rank of each method over the targets (1 = best, ties averaged, a missing result
+    left out). Score-rule variants (``name[rule]``) are not ranked: they are the same fitted
+    model, and counting them would push every other method down."""
+    methods = [c for c in per_target_table.columns if "[" not in c]
+    ranks = per_target_table[methods].rank(axis=1, ascending=False)
+    return ranks.mean().rename("mean_rank")
+
+
 def markdown(table: pd.DataFrame, digits: int = 3) -> str:
     """Markdown with ``digits`` decimals for float columns and integers left as they are."""
     formats = [".0f" if pd.api.types.is_integer_dtype(table.index) else f".{digits}f"]

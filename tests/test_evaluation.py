@@ -6,7 +6,7 @@ import torch
 from evaluation import cli, datasets, protocols
 from evaluation.methods import MethodOptions, anomaly_scores, make_method, scores_by_rule
 from evaluation.metrics import detection_metrics
-from evaluation.results import ResultLog, summary
+from evaluation.results import ResultLog, mean_rank, summary
 from evaluation.suites import held_out_class_suite
 from tests.conftest import TINY
 
@@ -66,6 +66,16 @@ def test_result_log_resumes(tmp_path):
     second = pd.read_csv(tmp_path / "r.csv")
     assert len(second) == len(first) + 1  # only the new method ran
     assert summary(second).loc["lof", "runs"] == 1
+
+
+def test_mean_rank_ranks_methods_not_score_rule_variants():
+    table = pd.DataFrame({"a": [0.9, 0.5, 0.7], "b": [0.8, 0.6, np.nan],
+                          "a[energy]": [0.95, 0.99, 0.99]}, index=["d1", "d2", "d3"])
+    ranks = mean_rank(table)
+    assert list(ranks.index) == ["a", "b"]
+    # d1: a first; d2: b first; d3: a alone (b's missing result is not ranked)
+    assert ranks["a"] == pytest.approx((1 + 2 + 1) / 3)
+    assert ranks["b"] == pytest.approx((2 + 1) / 2)
 
 
 def test_scores_by_rule_match_the_estimator(images):
