@@ -23,8 +23,6 @@ from training import (
 )
 from training.loop import EpochCallback
 
-_CHUNK_ROWS = 4096
-
 
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
@@ -304,12 +302,9 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
 
     def _score_rows(self, rows: np.ndarray) -> np.ndarray:
         """score_samples of validated float64 rows, in chunks to bound memory."""
-        out = np.empty(rows.shape[0], dtype=np.float64)
-        with torch.no_grad():
-            for start in range(0, rows.shape[0], _CHUNK_ROWS):
-                chunk = torch.tensor(rows[start:start + _CHUNK_ROWS], dtype=torch.float64)
-                out[start:start + _CHUNK_ROWS] = -self.scorer_(chunk).numpy()
-        return out
+        rule = self.scorer_.rule
+        x_raw = torch.tensor(rows, dtype=torch.float64)
+        return -self.scorer_.scores_in_chunks(x_raw, (rule,))[rule].numpy()
 
     def score_samples(self, X) -> np.ndarray:
         """Normality score, higher = more normal (the negative anomaly score).

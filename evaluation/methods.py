@@ -18,9 +18,6 @@ from sklearn.svm import OneClassSVM
 
 from anomaly import LatentEBMDetector
 
-# Rows per scoring pass: bounds the float64 activations of the conv nets in memory.
-_SCORING_CHUNK = 4096
-
 SKLEARN_PEERS = ("isolation_forest", "lof", "ocsvm")
 PYOD_PEERS = ("pyod_knn", "pyod_ecod", "pyod_copod", "pyod_hbos", "pyod_pca", "pyod_vae")
 OURS = ("triangle", "vae_ablation")
@@ -89,13 +86,8 @@ def anomaly_scores(method: Any, X: np.ndarray) -> np.ndarray:
 def scores_by_rule(detector: LatentEBMDetector, X: np.ndarray) -> dict[str, np.ndarray]:
     """Anomaly scores of one fitted detector under every score rule it supports, from one
     pass through its networks (one fit, so the rules are compared on identical networks)."""
-    rows = flat(X)
-    chunks = []
-    with torch.no_grad():
-        for start in range(0, len(rows), _SCORING_CHUNK):
-            batch = torch.from_numpy(rows[start:start + _SCORING_CHUNK])
-            chunks.append({r: s.numpy() for r, s in detector.scorer_.scores(batch).items()})
-    return {rule: np.concatenate([c[rule] for c in chunks]) for rule in chunks[0]}
+    by_rule = detector.scorer_.scores_in_chunks(torch.from_numpy(flat(X)))
+    return {rule: scores.numpy() for rule, scores in by_rule.items()}
 
 
 def flat(X: np.ndarray) -> np.ndarray:

@@ -14,6 +14,9 @@ from training.networks import Networks
 
 SCORE_RULES = ("energy", "joint", "reconstruction", "elbo")
 
+# Rows per pass in scores_in_chunks: bounds the float64 activations of the conv nets.
+CHUNK_ROWS = 4096
+
 
 class AnomalyScorer(nn.Module):
     """Anomaly score of raw flat rows; higher = more anomalous.
@@ -65,6 +68,16 @@ class AnomalyScorer(nn.Module):
 
     def forward(self, x_raw: torch.Tensor) -> torch.Tensor:
         return self.scores(x_raw, (self.rule,))[self.rule]
+
+    def scores_in_chunks(self, x_raw: torch.Tensor, rules: tuple[str, ...] = SCORE_RULES,
+                         chunk_rows: int = CHUNK_ROWS) -> dict[str, torch.Tensor]:
+        """:meth:`scores` of many rows, ``chunk_rows`` at a time, without autograd, so that
+        memory stays bounded whatever the number of rows."""
+        with torch.no_grad():
+            chunks = [self.scores(x_raw[start:start + chunk_rows], rules)
+                      # at least one chunk, so that no rows give empty scores, not an error
+                      for start in range(0, max(x_raw.shape[0], 1), chunk_rows)]
+        return {rule: torch.cat([c[rule] for c in chunks]) for rule in chunks[0]}
 
     def scores(self, x_raw: torch.Tensor, rules: tuple[str, ...] = SCORE_RULES
                ) -> dict[str, torch.Tensor]:
