@@ -9,7 +9,7 @@ import pandas as pd
 import torch
 
 from training import NetworkConfig, TrainConfig, build_networks
-from training.loop import Optimizers, triangle_step, vae_step
+from training.loop import Optimizers, triangle_step, use_training_layout, vae_step
 
 
 def training_throughput(
@@ -41,8 +41,10 @@ def training_throughput(
         for objective, step in (("vae", vae_step), ("triangle", triangle_step)):
             train_config = TrainConfig(objective=objective, batch_size=batch_size)
             networks = build_networks(config, with_energy=objective == "triangle")
+            x_train = use_training_layout(networks, x_all)  # the layout train_networks uses
             optimizers = Optimizers.create(networks, train_config)
-            batches = [x_all[torch.randint(len(x_all), (batch_size,))] for _ in range(steps + 3)]
+            batches = [x_train[torch.randint(len(x_train), (batch_size,))]
+                       for _ in range(steps + 3)]
             for batch in batches[:3]:  # warm-up: allocator and oneDNN kernel selection
                 step(networks, optimizers, batch, train_config)
             started = time.perf_counter()

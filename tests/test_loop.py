@@ -71,3 +71,22 @@ def test_time_budget_stops_after_the_minibatch_that_crosses_it():
                              TrainConfig(epochs=50, batch_size=16, max_seconds=1e-9))
     assert len(history.epochs) == 1
     assert history.epochs[0]["batches_fraction"] == 0.25  # one of four minibatches ran
+
+
+def test_image_training_uses_channels_last_and_returns_the_default_layout(monkeypatch):
+    torch.manual_seed(0)
+    nets = build_networks(NetworkConfig(input_shape=(3, 8, 8), latent_dim=2, width=4, depth=2))
+    layouts = []
+    real_step = loop_module.triangle_step
+
+    def recording_step(networks, optimizers, x, config, generator=None):
+        layouts.append(x.is_contiguous(memory_format=torch.channels_last)
+                       and networks.encoder.body[2].weight.is_contiguous(
+                           memory_format=torch.channels_last))
+        return real_step(networks, optimizers, x, config, generator)
+
+    monkeypatch.setattr(loop_module, "triangle_step", recording_step)
+    train_networks(nets, torch.randn(16, 3, 8, 8), TrainConfig(epochs=1, batch_size=8))
+    assert layouts == [True, True]
+    # Saving, export and scoring expect the default layout back.
+    assert all(p.is_contiguous() for m in nets.modules() for p in m.parameters())

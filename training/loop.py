@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
 from training import objectives
@@ -113,10 +114,25 @@ def draw_pairs(networks: Networks, x: torch.Tensor,
 
 def _energies(energy: nn.Module, x: torch.Tensor, pairs: Pairs,
               detach: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """E(x, z_q) and E(x_p, z_p) in one critic call (one spectral-norm power iteration)."""
-    x_p, z_q = (pairs.x_p.detach(), pairs.z_q.detach()) if detach else (pairs.x_p, pairs.z_q)
-    energies = energy(torch.cat([x, x_p]), torch.cat([z_q, pairs.z_p]))
-    return energies[: x.shape[0]], energies[x.shape[0]:]
+    """E(x, z_q) and E(x_p, z_p), with one spectral-norm power iteration per call.
+
+    ``detach=True`` (the critic's step): one critic call on both halves, inputs detached.
+    ``detach=False`` (the encoder and generator step, which never moves the critic): the data
+    half of the x-branch runs without a graph, because nothing it could give a gradient to is
+    trained in this step; only E's gradients in x_p, z_q and z_p are kept. This saves the
+    x-branch's backward pass over half the rows.
+    """
+    n = x.shape[0]
+    if detach:
+        energies = energy(torch.cat([x, pairs.x_p.detach()]),
+                          torch.cat([pairs.z_q.detach(), pairs.z_p]))
+        return energies[:n], energies[n:]
+    with parametrize.cached():
+        with torch.no_grad():
+            h_data = energy.x_branch(x)
+        h_x = torch.cat([h_data, energy.x_branch(pairs.x_p)])
+        energies = energy.from_x_features(h_x, torch.cat([pairs.z_q, pairs.z_p]))
+    return energies[:n], energies[n:]
 
 
 def ebm_update(networks: Networks, optimizers: Optimizers, x: torch.Tensor, pairs: Pairs,
@@ -254,6 +270,16 @@ def _run_epoch(step, networks, optimizers, data, config, generator, deadline: fl
     return out
 
 
+def use_training_layout(networks: Networks, data: torch.Tensor) -> torch.Tensor:
+    """Switch the networks to the faster memory layout for training on ``data`` and return
+    ``data`` in it: channels-last for images on CPU (oneDNN's preferred layout; measured +6%
+    for the triangle step on 28x28, the VAE unchanged), unchanged otherwise."""
+    if data.ndim != 4 or data.device.type != "cpu":
+        return data
+    networks.to_memory_format(torch.channels_last)
+    return data.contiguous(memory_format=torch.channels_last)
+
+
 def train_networks(
     networks: Networks,
     data: torch.Tensor,
@@ -274,10 +300,23 @@ def train_networks(
     if (config.objective == "triangle") != (networks.energy is not None):
         raise ValueError("the triangle objective needs an energy network; the VAE has none")
     step = triangle_step if config.objective == "triangle" else vae_step
+    data = use_training_layout(networks, data)
     optimizers = Optimizers.create(networks, config)
     schedulers = [torch.optim.lr_scheduler.ExponentialLR(o, config.lr_decay)
                   for o in optimizers.all()]
     history = TrainingHistory()
+    try:
+        _train_epochs(networks, optimizers, schedulers, step, data, config, generator,
+                      callbacks, verbose, history)
+    finally:
+        # Fitted models keep the default layout: it is what save, export and scoring expect.
+        networks.to_memory_format(torch.contiguous_format)
+        networks.train(False)
+    return history
+
+
+def _train_epochs(networks, optimizers, schedulers, step, data, config, generator, callbacks,
+                  verbose, history) -> None:
     networks.train()
     good = _snapshot(networks, optimizers, schedulers)
     progress = tqdm(total=config.epochs, desc=f"training ({config.objective})",
@@ -321,5 +360,3 @@ def train_networks(
             logger.info("time budget of %.0f s reached in epoch %d", config.max_seconds, epoch)
             break
     progress.close()
-    networks.train(False)
-    return history

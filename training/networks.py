@@ -114,7 +114,12 @@ class JointEnergy(nn.Module):
                     _spectral_norm(module)
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        h = torch.cat([self.x_branch(x), self.z_branch(z)], dim=1)
+        return self.from_x_features(self.x_branch(x), z)
+
+    def from_x_features(self, h_x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """The energy from ``h_x = x_branch(x)`` ``(n, width)``, so callers can run the
+        x-branch of different rows under different autograd modes."""
+        h = torch.cat([h_x, self.z_branch(z)], dim=1)
         return self.scale * nn.functional.softplus(self.head(h)).squeeze(1)
 
 
@@ -132,6 +137,13 @@ class Networks:
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Networks:
         for module in self.modules():
             module.to(device=device, dtype=dtype)
+        return self
+
+    def to_memory_format(self, memory_format: torch.memory_format) -> Networks:
+        """Lay out every 4-D weight in ``memory_format`` (``torch.channels_last`` or
+        ``torch.contiguous_format``)."""
+        for module in self.modules():
+            module.to(memory_format=memory_format)
         return self
 
     def train(self, mode: bool = True) -> Networks:
