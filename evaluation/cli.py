@@ -89,10 +89,21 @@ def _held_out_report(log, out: Path) -> None:
 
     frame = log.frame()
     tables = {"summary": summary(frame), "auroc_per_class": per_target(frame, "auroc"),
-              "auprc_per_class": per_target(frame, "auprc")}
+              "auprc_per_class": per_target(frame, "auprc"), **_paired_tables(frame)}
     write_tables(tables, out)
     print(f"results: {log.path}\n")
     print(markdown(tables["summary"]))
+    if "paired_auroc" in tables:
+        print("\n" + markdown(tables["paired_auroc"]))
+
+
+def _paired_tables(frame) -> dict:
+    """The triangle against every other method, run by run, when it took part."""
+    from evaluation.results import paired
+
+    if "triangle" not in set(frame["method"]):
+        return {}
+    return {f"paired_{metric}": paired(frame, "triangle", metric) for metric in ("auroc", "auprc")}
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -181,7 +192,8 @@ def _run_data_suite(args: argparse.Namespace, out: Path, epochs, detector_params
         auroc = per_target(frame, "auroc")
         table = summary(frame).join(mean_rank(auroc))
         write_tables({"summary": table, "auroc_per_dataset": auroc,
-                      "auprc_per_dataset": per_target(frame, "auprc")}, out)
+                      "auprc_per_dataset": per_target(frame, "auprc"), **_paired_tables(frame)},
+                     out)
         print(markdown(table))
         return 0
     if args.suite == "images":

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+from scipy.stats import wilcoxon
 
 KEY = ("dataset", "target", "seed", "method")
 
@@ -61,6 +63,24 @@ def mean_rank(per_target_table: pd.DataFrame) -> pd.Series:
     methods = [c for c in per_target_table.columns if "[" not in c]
     ranks = per_target_table[methods].rank(axis=1, ascending=False)
     return ranks.mean().rename("mean_rank")
+
+
+def paired(frame: pd.DataFrame, reference: str, metric: str = "auroc") -> pd.DataFrame:
+    """``reference`` against every other method on the runs both have (same dataset, target
+    and seed): mean difference (reference minus method), the runs the reference wins and
+    loses, and the two-sided Wilcoxon signed-rank p-value of the paired differences."""
+    index = [k for k in KEY if k != "method"]
+    wide = frame.pivot_table(index=index, columns="method", values=metric)
+    rows = {}
+    for method in wide.columns.drop(reference):
+        both = wide[[reference, method]].dropna()
+        diff = both[reference] - both[method]
+        p_value = wilcoxon(diff).pvalue if (diff != 0).any() else np.nan
+        rows[method] = {f"{metric}_difference": diff.mean(), "wins": int((diff > 0).sum()),
+                        "losses": int((diff < 0).sum()), "runs": len(diff),
+                        "wilcoxon_p": p_value}
+    table = pd.DataFrame.from_dict(rows, orient="index").rename_axis(f"{reference} vs")
+    return table.sort_values(f"{metric}_difference")
 
 
 def markdown(table: pd.DataFrame, digits: int = 3) -> str:

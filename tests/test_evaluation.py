@@ -6,7 +6,7 @@ import torch
 from evaluation import cli, datasets, protocols
 from evaluation.methods import MethodOptions, anomaly_scores, make_method, scores_by_rule
 from evaluation.metrics import detection_metrics
-from evaluation.results import ResultLog, mean_rank, summary
+from evaluation.results import ResultLog, mean_rank, paired, summary
 from evaluation.suites import held_out_class_suite
 from tests.conftest import TINY
 
@@ -78,6 +78,19 @@ def test_mean_rank_ranks_methods_not_score_rule_variants():
     assert ranks["b"] == pytest.approx((2 + 1) / 2)
 
 
+def test_paired_compares_the_reference_on_shared_runs_only():
+    rows = [("a", 0, 0.9), ("b", 0, 0.8), ("a", 1, 0.7), ("b", 1, 0.75), ("a", 2, 0.6),
+            ("b", 2, 0.5), ("a", 3, 0.9), ("c", 3, 0.9), ("a", 4, 0.8)]
+    frame = pd.DataFrame([{"dataset": "d", "target": t, "seed": 0, "method": m, "auroc": v}
+                          for m, t, v in rows])
+    table = paired(frame, "a")
+    assert table.loc["b", "runs"] == 3  # targets 0-2; a's run on target 4 has no partner
+    assert table.loc["b", "auroc_difference"] == pytest.approx((0.1 - 0.05 + 0.1) / 3)
+    assert (table.loc["b", "wins"], table.loc["b", "losses"]) == (2, 1)
+    assert 0 < table.loc["b", "wilcoxon_p"] <= 1
+    assert table.loc["c", "runs"] == 1 and np.isnan(table.loc["c", "wilcoxon_p"])  # a tie
+
+
 def test_scores_by_rule_match_the_estimator(images):
     from anomaly import LatentEBMDetector
 
@@ -110,6 +123,8 @@ def test_quick_suite_end_to_end(tmp_path, capsys):
     assert {"triangle", "vae_ablation", "lof", "isolation_forest", "ocsvm"} <= set(table.index)
     assert table["auroc_mean"].between(0, 1).all()
     assert (tmp_path / "quick" / "summary.md").read_text().startswith("| method")
+    paired_table = pd.read_csv(tmp_path / "quick" / "paired_auroc.csv", index_col=0)
+    assert paired_table.loc["vae_ablation", "runs"] == 1
     assert "lof" in capsys.readouterr().out
 
 
