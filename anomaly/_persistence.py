@@ -15,9 +15,11 @@ from safetensors.torch import load_file, save_file
 
 from training import AnomalyScorer, build_networks
 
-FORMAT_VERSION = 1
+# 2: the scorer keeps a bank of training codes and the fused rule's calibration.
+FORMAT_VERSION = 2
 CONFIG_NAME = "detector.json"
 WEIGHTS_NAME = "weights.safetensors"
+FLOAT64_BUFFERS = ("shift", "scale", "code_bank", "fusion_center", "fusion_spread")
 
 
 def package_version() -> str:
@@ -51,8 +53,9 @@ def save_detector(detector, path: str | Path) -> Path:
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
     # Network weights were trained in float32, so storing them as float32 is lossless; the
-    # preprocessing constants (shift, scale) are float64 statistics and keep their precision.
-    weights = {k: (v if k in ("shift", "scale") else v.to(torch.float32)).contiguous()
+    # preprocessing constants and the score's calibration (codes and statistics computed by
+    # the float64 scorer) keep their precision.
+    weights = {k: (v if k in FLOAT64_BUFFERS else v.to(torch.float32)).contiguous()
                for k, v in detector.scorer_.state_dict().items()}
     weights["training_mean"] = torch.from_numpy(np.ascontiguousarray(detector.training_mean_))
     weights_path = directory / WEIGHTS_NAME
@@ -68,6 +71,7 @@ def save_detector(detector, path: str | Path) -> Path:
             "feature_names_in": (None if not hasattr(detector, "feature_names_in_")
                                  else [str(n) for n in detector.feature_names_in_]),
             "offset": float(detector.offset_),
+            "score_rule": detector.score_rule_,
             "n_rollbacks": int(detector.n_rollbacks_),
             "training_history": detector.training_history_,
         },
@@ -107,7 +111,10 @@ def load_detector(cls, path: str | Path):
     networks = build_networks(network_config, with_energy=detector.objective == "triangle")
     training_mean = weights.pop("training_mean").numpy()
     scorer = AnomalyScorer(networks, weights["shift"], weights["scale"], input_shape,
-                           detector.score_rule, detector.decoder_sigma).to(torch.float64)
+                           fitted["score_rule"], detector.decoder_sigma,
+                           code_bank=weights["code_bank"],
+                           fusion_center=weights["fusion_center"],
+                           fusion_spread=weights["fusion_spread"]).to(torch.float64)
     scorer.load_state_dict(weights, strict=True)
     detector.scorer_ = scorer.eval()
     detector.input_shape_ = input_shape
@@ -116,6 +123,7 @@ def load_detector(cls, path: str | Path):
     if fitted["feature_names_in"] is not None:
         detector.feature_names_in_ = np.asarray(fitted["feature_names_in"], dtype=object)
     detector.offset_ = fitted["offset"]
+    detector.score_rule_ = fitted["score_rule"]
     detector.n_rollbacks_ = fitted["n_rollbacks"]
     detector.training_history_ = fitted["training_history"]
     detector.training_mean_ = training_mean

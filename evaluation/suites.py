@@ -38,7 +38,7 @@ def _fit_and_score(name: str, seed: int, options: MethodOptions | None, split: p
     if not isinstance(method, LatentEBMDetector):
         return {name: anomaly_scores(method, test)}, fit_seconds
     by_rule = scores_by_rule(method, test)
-    return ({name: by_rule[method.score_rule]}
+    return ({name: by_rule[method.score_rule_]}
             | {f"{name}[{rule}]": s for rule, s in by_rule.items()}), fit_seconds
 
 

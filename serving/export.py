@@ -16,7 +16,7 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from anomaly._persistence import package_version
+from anomaly._persistence import FLOAT64_BUFFERS, package_version
 from serving import metadata
 from training import AnomalyScorer
 
@@ -62,10 +62,11 @@ class EnergyGraph(nn.Module):
 
 def export_scorer(detector) -> AnomalyScorer:
     """A copy of the fitted scorer as exported: networks in float32 (what GPUs and ONNX
-    Runtime's conv kernels want); input, preprocessing and the score's sums in float64, so
-    that scores agree with the estimator."""
+    Runtime's conv kernels want); input, preprocessing, the score's calibration and its sums
+    in float64, so that scores agree with the estimator."""
     scorer = copy.deepcopy(detector.scorer_).to(torch.float32).eval()
-    scorer.shift, scorer.scale = (detector.scorer_.shift.clone(), detector.scorer_.scale.clone())
+    for name in FLOAT64_BUFFERS:
+        setattr(scorer, name, getattr(detector.scorer_, name).clone())
     return scorer
 
 
@@ -127,7 +128,8 @@ def export_onnx(detector, path: str | Path, graph: str = "scorer",
         "n_features": str(detector.n_features_in_),
         "input_shape": json.dumps(list(detector.input_shape_)),
         "sample_shape": json.dumps(list(detector._sample_shape)),
-        "score_rule": detector.score_rule,
+        "score_rule": detector.score_rule_,
+        "code_bank_rows": str(detector.scorer_.code_bank.shape[0]),
         "offset": repr(float(detector.offset_)),
         "contamination": str(contamination),
         "weights_sha256": metadata.weights_sha256(

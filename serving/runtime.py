@@ -101,6 +101,11 @@ def validate_rows(X, n_features: int, sample_shapes: tuple[tuple[int, ...], ...]
     return rows
 
 
+DEFAULT_CHUNK_ROWS = 65536
+# Float64 row-to-code distances one chunk may hold (256 MiB) for the bank score rules.
+MAX_DISTANCES = 2**25
+
+
 class OnnxDetector:
     """Score with an exported model on ONNX Runtime (GPU when available, else CPU).
 
@@ -111,8 +116,10 @@ class OnnxDetector:
     providers : list of str, optional
         ONNX Runtime execution providers in order of preference; default CUDA then CPU,
         among those this onnxruntime build offers.
-    chunk_rows : int, default=65536
-        Rows per ``session.run`` call, so memory stays bounded on large inputs.
+    chunk_rows : int or None, default=None
+        Rows per ``session.run`` call, so memory stays bounded on large inputs; None = 65536,
+        or fewer for models that keep a code bank, so that a chunk's distances to the bank
+        stay below ``MAX_DISTANCES`` values.
 
     Attributes
     ----------
@@ -122,7 +129,7 @@ class OnnxDetector:
     offset_, n_features_in_, input_shape_, score_rule_, metadata_
     """
 
-    def __init__(self, path, providers=None, chunk_rows: int = 65536) -> None:
+    def __init__(self, path, providers=None, chunk_rows: int | None = None) -> None:
         self.path = Path(path)
         raw = self.path.read_bytes()
         self.metadata_ = _verified_metadata(raw, str(self.path))
@@ -132,6 +139,9 @@ class OnnxDetector:
         self.session_ = ort.InferenceSession(raw, sess_options=options, providers=wanted)
         self.providers_ = self.session_.get_providers()
         logger.info("ONNX Runtime providers: %s", self.providers_)
+        if chunk_rows is None:
+            bank_rows = int(self.metadata_.get("code_bank_rows", "0"))
+            chunk_rows = min(DEFAULT_CHUNK_ROWS, max(1, MAX_DISTANCES // max(bank_rows, 1)))
         if int(chunk_rows) < 1:
             raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
         self.chunk_rows = int(chunk_rows)

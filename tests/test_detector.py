@@ -36,12 +36,53 @@ def test_separates_a_shifted_cluster():
 
 @pytest.mark.parametrize("contamination", [0.05, 0.2])
 def test_contamination_sets_training_outlier_fraction(tabular, contamination):
-    det = _fit(tabular, contamination=contamination)
+    # A rule without the code bank: training rows score as they did when the offset was set.
+    det = _fit(tabular, contamination=contamination, score_rule="joint")
     assert (det.predict(tabular) == -1).mean() == pytest.approx(contamination, abs=1 / 80)
 
 
+@pytest.mark.parametrize("rule", ["fused", "latent_knn"])
+def test_bank_rules_keep_the_training_codes_and_the_contamination_contract(tabular, rule):
+    import torch
+
+    det = _fit(tabular, contamination=0.1, score_rule=rule)
+    assert det.scorer_.code_bank.shape == (len(tabular), TINY["latent_dim"])
+    np.testing.assert_allclose(det.scorer_.code_bank, det.encode(tabular))
+    assert (det.predict(tabular) == -1).mean() == pytest.approx(0.1, abs=1 / 80)
+    # Left out of its own neighbours, a training row looks as anomalous as an unseen one.
+    x = torch.from_numpy(tabular)
+    loo = -det.scorer_.scores_in_chunks(x, (rule,), leave_one_out=True)[rule].numpy()
+    assert (det.score_samples(tabular) >= loo - 1e-12).all()
+    assert (det.score_samples(tabular) > loo).any()
+
+
+def test_fused_rule_standardises_each_rule_by_its_training_spread(tabular):
+    import torch
+
+    det = _fit(tabular, score_rule="fused")
+    scorer = det.scorer_
+    by_rule = scorer.scores_in_chunks(torch.from_numpy(tabular), leave_one_out=True)
+    for i, rule in enumerate(("reconstruction", "latent_knn", "energy")):
+        q1, median, q3 = np.percentile(by_rule[rule].numpy(), [25, 50, 75])
+        assert scorer.fusion_center[i].item() == pytest.approx(median)
+        assert scorer.fusion_spread[i].item() == pytest.approx(q3 - q1)
+
+
+def test_code_bank_is_a_seeded_subset_of_large_training_sets(tabular, monkeypatch):
+    import anomaly._detector as detector_module
+
+    monkeypatch.setattr(detector_module, "BANK_ROWS", 30)
+    a, b = _fit(tabular), _fit(tabular)
+    assert a.scorer_.code_bank.shape == (30, TINY["latent_dim"])
+    np.testing.assert_array_equal(a.scorer_.code_bank, b.scorer_.code_bank)
+    np.testing.assert_array_equal(a.score_samples(tabular), b.score_samples(tabular))
+    # Every bank code is the code of one of the training rows.
+    codes = a.encode(tabular)
+    assert all(np.isclose(codes, c).all(axis=1).any() for c in a.scorer_.code_bank.numpy())
+
+
 def test_auto_contamination_is_tukey_fence(tabular):
-    det = _fit(tabular)
+    det = _fit(tabular, score_rule="joint")
     q1, q3 = np.percentile(det.score_samples(tabular), [25, 75])
     assert det.offset_ == pytest.approx(q1 - 1.5 * (q3 - q1))
 
@@ -93,7 +134,8 @@ def test_dataframe_keeps_feature_names(tabular):
 
 
 @pytest.mark.parametrize("params", [{}, {"objective": "vae", "score_rule": "elbo"},
-                                    {"image_shape": (8, 8)}])
+                                    {"objective": "vae", "score_rule": "fused"},
+                                    {"score_rule": "latent_knn"}, {"image_shape": (8, 8)}])
 def test_save_load_round_trip(tmp_path, images, params):
     X = images.reshape(len(images), -1).astype(float)
     det = _fit(X, **params)
@@ -192,8 +234,19 @@ def test_bad_scoring_input(tabular, images):
     ({"image_shape": (4, 4)}, "image_shape"),
     ({"image_shape": (8, 8), "depth": 4}, "divisible"),
     ({"device": "tpu"}, "device"),
+    ({"critic_negatives": ("generator", "bogus")}, "critic_negatives"),
 ])
 def test_bad_parameters(images, params, message):
     X = images.reshape(len(images), -1)
     with pytest.raises(ValueError, match=message):
         LatentEBMDetector(**{**TINY, **params}).fit(X)
+
+
+def test_auto_score_rule_is_latent_knn_for_images_and_fused_for_tables(tabular, images,
+                                                                       tmp_path):
+    assert _fit(tabular).score_rule_ == "fused"
+    image_model = _fit(images.astype(float))
+    assert image_model.score_rule_ == "latent_knn" and image_model.score_rule == "auto"
+    assert _fit(tabular, score_rule="joint").score_rule_ == "joint"
+    loaded = LatentEBMDetector.load(image_model.save(tmp_path / "model"))
+    assert loaded.score_rule_ == "latent_knn"

@@ -96,7 +96,7 @@ def test_scores_by_rule_match_the_estimator(images):
 
     det = LatentEBMDetector(**TINY, score_rule="elbo", random_state=0).fit(images)
     rules = scores_by_rule(det, images)
-    assert set(rules) == {"energy", "joint", "reconstruction", "elbo"}
+    assert set(rules) == {"energy", "joint", "reconstruction", "elbo", "latent_knn", "fused"}
     np.testing.assert_allclose(rules["elbo"], det.anomaly_score(images))
     # Each rule by its definition, from the networks directly.
     fitted = det.scorer_
@@ -112,6 +112,15 @@ def test_scores_by_rule_match_the_estimator(images):
     np.testing.assert_allclose(rules["reconstruction"], recon, rtol=1e-10)
     np.testing.assert_allclose(rules["elbo"], recon + kl, rtol=1e-10)
     np.testing.assert_allclose(rules["joint"], energy + recon + prior, rtol=1e-10)
+    # latent_knn: mean distance to the 5 nearest training codes (brute force here).
+    bank = fitted.code_bank.numpy()
+    distances = np.linalg.norm(mu.numpy()[:, None, :] - bank[None], axis=2)
+    knn = np.sort(distances, axis=1)[:, :5].mean(1)
+    # atol: |a|^2 - 2ab + |b|^2 cancels to ~1e-16 rather than 0 for a row's own code.
+    np.testing.assert_allclose(rules["latent_knn"], knn, rtol=1e-8, atol=1e-7)
+    center, spread = fitted.fusion_center.numpy(), fitted.fusion_spread.numpy()
+    fused = sum((s - c) / w for s, c, w in zip((recon, knn, energy), center, spread, strict=True))
+    np.testing.assert_allclose(rules["fused"], fused, rtol=1e-6, atol=1e-5)
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ from training.loop import (
     ebm_update,
     encoder_generator_losses,
     encoder_generator_update,
+    extra_negatives,
 )
 
 
@@ -38,10 +39,11 @@ def test_vae_loss_is_recon_plus_kl():
     assert objectives.vae_loss(x, x_rec, mu, logvar, 1.0) == pytest.approx(0.5 * 8 + 0.5 * 3)
 
 
-def _setup(inference_loss="kl_plus"):
+def _setup(inference_loss="kl_plus", critic_negatives=()):
     torch.manual_seed(0)
     nets = build_networks(NetworkConfig(input_shape=(6,), latent_dim=3, width=8, depth=1))
-    config = TrainConfig(inference_loss=inference_loss, grad_clip=None)
+    config = TrainConfig(inference_loss=inference_loss, grad_clip=None,
+                         critic_negatives=critic_negatives)
     return nets, Optimizers.create(nets, config), config, torch.randn(16, 6)
 
 
@@ -96,3 +98,70 @@ def test_fused_backward_equals_separate_encoder_and_generator_losses(variant):
     own_gen = torch.autograd.grad(gen_loss, gen)
     for a, b in zip(fused_enc + fused_gen, own_enc + own_gen, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_extra_critic_negatives_are_mismatched_and_wide_pairs():
+    nets, _, _, x = _setup()
+    pairs = draw_pairs(nets, x)
+    assert extra_negatives(nets, x, pairs, ()) is None
+    x_neg, z_neg = extra_negatives(nets, x, pairs, ("mismatch", "wide"))
+    n = len(x)
+    torch.testing.assert_close(x_neg[:n], x)
+    torch.testing.assert_close(z_neg[:n], torch.roll(pairs.z_q.detach(), 1, dims=0))
+    torch.testing.assert_close(z_neg[n:], 2.5 * pairs.z_p)
+    torch.testing.assert_close(x_neg[n:], nets.generator(2.5 * pairs.z_p))
+    assert not x_neg.requires_grad and not z_neg.requires_grad
+
+
+@pytest.mark.parametrize("kinds", [("mismatch",), ("wide",), ("mismatch", "wide")])
+def test_critic_step_with_extra_negatives_moves_only_the_energy(kinds):
+    nets, opts, config, x = _setup(critic_negatives=kinds)
+    nets.energy.eval()  # no power iteration: every call below sees the same normalised weights
+    before = {name: _params(m) for name, m in nets.named()}
+    pairs = draw_pairs(nets, x)
+    with torch.no_grad():
+        x_neg, z_neg = extra_negatives(nets, x, pairs, kinds)
+        want = (nets.energy(x, pairs.z_q).mean()
+                - torch.cat([nets.energy(pairs.x_p, pairs.z_p), nets.energy(x_neg, z_neg)]
+                            ).mean())
+    loss = ebm_update(nets, opts, x, pairs, config)
+    torch.testing.assert_close(loss, want)
+    assert _changed(nets.energy, before["energy"])
+    assert not _changed(nets.encoder, before["encoder"])
+    assert not _changed(nets.generator, before["generator"])
+
+
+def test_unknown_critic_negatives_are_refused():
+    with pytest.raises(ValueError, match="critic_negatives"):
+        TrainConfig(critic_negatives=("noise",))
+
+
+def test_trimming_weights_leave_out_the_worst_reconstructed_rows():
+    x = torch.zeros(10, 3)
+    x_rec = torch.arange(10.0).repeat(3, 1).T  # row i has error 3 i^2 / (2 sigma^2)
+    assert objectives.trimming_weights(x, x_rec, 1.0, 0.0) is None
+    weights = objectives.trimming_weights(x, x_rec, 1.0, 0.2)
+    torch.testing.assert_close(weights, torch.tensor([1.0] * 8 + [0.0] * 2))
+    values = torch.arange(10.0)
+    assert objectives.weighted_mean(values, weights) == pytest.approx(3.5)
+
+
+def test_trimmed_loss_ignores_the_trimmed_rows():
+    """A row left out by the trimmed loss does not change the encoder/generator objective."""
+    nets, _, _, x = _setup()
+    nets.train(False)  # no spectral-norm power iteration between the two evaluations
+    config = TrainConfig(grad_clip=None, trim_fraction=0.25)
+    x = x.clone()
+    x[0] = 50.0  # by far the worst reconstructed row
+    x_moved = x.clone()
+    x_moved[0] = 80.0
+    losses = []
+    for data in (x, x_moved):
+        pairs = draw_pairs(nets, data, torch.Generator().manual_seed(0), config)
+        assert pairs.weights[0] == 0 and pairs.weights.sum() == 12
+        losses.append(encoder_generator_losses(nets, data, pairs, config)["fused"].item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    untrimmed = TrainConfig(grad_clip=None)
+    pairs = draw_pairs(nets, x, torch.Generator().manual_seed(0), untrimmed)
+    assert pairs.weights is None
+    assert encoder_generator_losses(nets, x, pairs, untrimmed)["fused"].item() != losses[0]

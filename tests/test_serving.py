@@ -13,6 +13,7 @@ from evaluation import cli
 from serving.export import export_onnx, read_metadata
 from serving.runtime import OnnxDetector
 from tests.conftest import TINY
+from training import SCORE_RULES
 
 RNG = np.random.RandomState(0)
 TABULAR = RNG.normal(size=(200, 6))
@@ -55,7 +56,7 @@ def test_onnx_matches_the_estimator(exported, kind, n):
 def test_metadata_round_trip(exported):
     det, path = exported["tabular"]
     meta = read_metadata(path)
-    assert meta["score_rule"] == det.score_rule
+    assert meta["score_rule"] == det.score_rule_
     assert float(meta["offset"]) == det.offset_
     assert meta["contamination"] == "0.1"
     assert json.loads(meta["input_shape"]) == [6]
@@ -182,7 +183,7 @@ def test_cli_export_and_score(exported, tmp_path, suffix):
     np.testing.assert_array_equal(scores["label"], det.predict(X))
 
 
-@pytest.mark.parametrize("rule", ["joint", "energy", "elbo"])
+@pytest.mark.parametrize("rule", SCORE_RULES)
 def test_every_score_rule_exports_with_parity(tmp_path, rule):
     det = LatentEBMDetector(**TINY, score_rule=rule, random_state=0).fit(TABULAR)
     runtime = OnnxDetector(det.to_onnx(tmp_path / f"{rule}.onnx"))

@@ -76,6 +76,10 @@ class NetworkConfig:
         return cls(**{**data, "input_shape": tuple(data["input_shape"])})
 
 
+# Pairs the critic pushes up besides the generator's (see training.loop.extra_negatives).
+CRITIC_NEGATIVES = ("mismatch", "wide")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimisation settings; defaults follow the authors' released code where it is known.
@@ -85,7 +89,9 @@ class TrainConfig:
     (the authors' KL(Q||P) - KL(Q||Pi)). ``decoder_sigma`` is the standard deviation of
     p(x|z) in preprocessed units; it weights reconstruction against the latent terms.
     ``max_seconds`` ends training after the first minibatch that finishes past this wall time
-    (the last epoch is then partial).
+    (the last epoch is then partial). ``critic_negatives`` names extra pairs the critic
+    pushes up besides the generator's: any of ``CRITIC_NEGATIVES``. ``trim_fraction`` of each
+    minibatch's rows, those reconstructed worst, are left out of every loss's data terms.
     """
 
     objective: str = "triangle"
@@ -101,9 +107,16 @@ class TrainConfig:
     decoder_sigma: float = 0.3
     max_rollbacks: int = 3
     max_seconds: float | None = None
+    critic_negatives: tuple[str, ...] = ()
+    trim_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+        object.__setattr__(self, "critic_negatives", tuple(self.critic_negatives))
+        unknown = set(self.critic_negatives) - set(CRITIC_NEGATIVES)
+        if unknown:
+            raise ValueError(f"critic_negatives must be drawn from {CRITIC_NEGATIVES}, "
+                             f"got {sorted(unknown)}")
         if self.objective not in ("triangle", "vae"):
             raise ValueError(f"objective must be 'triangle' or 'vae', got {self.objective!r}")
         if self.inference_loss not in ("kl_plus", "kl_minus"):
@@ -114,6 +127,8 @@ class TrainConfig:
             raise ValueError("epochs and batch_size must be positive")
         if self.max_seconds is not None and self.max_seconds <= 0:
             raise ValueError(f"max_seconds must be positive, got {self.max_seconds}")
+        if not 0.0 <= self.trim_fraction < 1.0:
+            raise ValueError(f"trim_fraction must be in [0, 1), got {self.trim_fraction}")
         if self.decoder_sigma <= 0:
             raise ValueError(f"decoder_sigma must be positive, got {self.decoder_sigma}")
 

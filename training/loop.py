@@ -21,6 +21,9 @@ logger = logging.getLogger(__name__)
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 
+# Radius multiplier of the "wide" critic negatives (in prior standard deviations).
+WIDE_PRIOR_SCALE = 2.5
+
 
 class TrainingDivergedError(RuntimeError):
     """Raised when losses stay non-finite after every allowed rollback."""
@@ -79,6 +82,7 @@ class Pairs:
     z_p: torch.Tensor      # (n, k), prior sample
     x_rec: torch.Tensor    # like x, g(z_q)
     x_p: torch.Tensor      # like x, g(z_p)
+    weights: torch.Tensor | None = None  # (n,) data-row weights of a trimmed loss
 
 
 def _reparameterise(mu: torch.Tensor, logvar: torch.Tensor,
@@ -102,14 +106,17 @@ def _update_encoder_and_generator(networks: Networks, optimizers: Optimizers,
 
 
 def draw_pairs(networks: Networks, x: torch.Tensor,
-               generator: torch.Generator | None = None) -> Pairs:
+               generator: torch.Generator | None = None,
+               config: TrainConfig | None = None) -> Pairs:
     n = x.shape[0]
     mu, logvar = networks.encoder(x)
     z_q = _reparameterise(mu, logvar, generator)
     z_p = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
     # One generator call for both latents: fewer, larger kernels.
     x_rec, x_p = networks.generator(torch.cat([z_q, z_p])).split(n)
-    return Pairs(mu, logvar, z_q, z_p, x_rec, x_p)
+    weights = None if config is None else objectives.trimming_weights(
+        x, x_rec, config.decoder_sigma, config.trim_fraction)
+    return Pairs(mu, logvar, z_q, z_p, x_rec, x_p, weights)
 
 
 def _energies(energy: nn.Module, x: torch.Tensor, pairs: Pairs,
@@ -135,11 +142,38 @@ def _energies(energy: nn.Module, x: torch.Tensor, pairs: Pairs,
     return energies[:n], energies[n:]
 
 
+def extra_negatives(networks: Networks, x: torch.Tensor, pairs: Pairs, kinds: Sequence[str]
+                    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Pairs besides the generator's that the critic pushes up, ``(x_neg, z_neg)`` without
+    graphs, or None.
+
+    ``"mismatch"``: (x, z_q of another row of the batch), so that a low energy needs x and z to
+    agree. ``"wide"``: (g(c z), c z) with z ~ N(0, I), c = ``WIDE_PRIOR_SCALE``: pairs beyond
+    the prior's bulk, where the generator's under-dispersed samples never go, so that the
+    critic's potential also rises away from the data and not only towards them.
+    """
+    xs, zs = [], []
+    with torch.no_grad():
+        if "mismatch" in kinds:
+            xs.append(x)
+            zs.append(pairs.z_q.detach().roll(1, dims=0))
+        if "wide" in kinds:
+            z_wide = WIDE_PRIOR_SCALE * pairs.z_p
+            xs.append(networks.generator(z_wide))
+            zs.append(z_wide)
+    return (torch.cat(xs), torch.cat(zs)) if xs else None
+
+
 def ebm_update(networks: Networks, optimizers: Optimizers, x: torch.Tensor, pairs: Pairs,
                config: TrainConfig) -> torch.Tensor:
-    """Step 1: data pairs down, model pairs up. Inputs are detached, so only alpha moves."""
+    """Step 1: data pairs down, model pairs up (the generator's pairs and those of
+    ``config.critic_negatives``, one mean over all of them). Inputs are detached, so only
+    alpha moves."""
     energy_data, energy_model = _energies(networks.energy, x, pairs, detach=True)
-    loss = objectives.ebm_loss(energy_data, energy_model)
+    extra = extra_negatives(networks, x, pairs, config.critic_negatives)
+    if extra is not None:
+        energy_model = torch.cat([energy_model, networks.energy(*extra)])
+    loss = objectives.ebm_loss(energy_data, energy_model, pairs.weights)
     optimizers.energy.zero_grad(set_to_none=True)
     loss.backward(inputs=list(networks.energy.parameters()))
     _clip(networks.energy, config.grad_clip)
@@ -161,7 +195,7 @@ def encoder_generator_losses(networks: Networks, x: torch.Tensor, pairs: Pairs,
     energy_data, energy_model = _energies(networks.energy, x, pairs, detach=False)
     loss_inference = objectives.inference_loss(x, pairs.x_rec, pairs.z_q, pairs.logvar,
                                                energy_data, config.decoder_sigma,
-                                               config.inference_loss)
+                                               config.inference_loss, pairs.weights)
     return {"fused": loss_inference + energy_model.mean(), "inference": loss_inference,
             "energy_data": energy_data, "energy_model": energy_model}
 
@@ -183,7 +217,7 @@ def triangle_step(
 ) -> dict[str, torch.Tensor]:
     """One divergence-triangle update on a minibatch in the authors' order (EBM, encoder,
     generator). Returns detached scalar metrics."""
-    pairs = draw_pairs(networks, x, generator)
+    pairs = draw_pairs(networks, x, generator, config)
     loss_ebm = ebm_update(networks, optimizers, x, pairs, config)
     losses = encoder_generator_update(networks, optimizers, x, pairs, config)
     with torch.no_grad():
@@ -211,7 +245,8 @@ def vae_step(
     """One update of the plain VAE (the ablation): encoder and generator on the negative ELBO."""
     mu, logvar = networks.encoder(x)
     x_rec = networks.generator(_reparameterise(mu, logvar, generator))
-    loss = objectives.vae_loss(x, x_rec, mu, logvar, config.decoder_sigma)
+    weights = objectives.trimming_weights(x, x_rec, config.decoder_sigma, config.trim_fraction)
+    loss = objectives.vae_loss(x, x_rec, mu, logvar, config.decoder_sigma, weights)
     _update_encoder_and_generator(networks, optimizers, loss, config)
     with torch.no_grad():
         return {

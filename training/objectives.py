@@ -30,10 +30,19 @@ def kl_to_prior(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return 0.5 * (mu.pow(2) + logvar.exp() - logvar - 1.0).sum(1)
 
 
-def ebm_loss(energy_data: torch.Tensor, energy_model: torch.Tensor) -> torch.Tensor:
+def weighted_mean(values: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Mean of per-sample ``values`` ``(n,)``, weighted by ``weights`` ``(n,)`` when given."""
+    if weights is None:
+        return values.mean()
+    return (values * weights).sum() / weights.sum()
+
+
+def ebm_loss(energy_data: torch.Tensor, energy_model: torch.Tensor,
+             weights: torch.Tensor | None = None) -> torch.Tensor:
     """Critic step: lower the energy of data pairs (x, z_q), raise that of model pairs
-    (g(z_p), z_p). Both inputs must be detached from the encoder and the generator."""
-    return energy_data.mean() - energy_model.mean()
+    (g(z_p), z_p). Both inputs must be detached from the encoder and the generator.
+    ``weights`` ``(n,)`` weight the data pairs (see :func:`trimming_weights`)."""
+    return weighted_mean(energy_data, weights) - energy_model.mean()
 
 
 def inference_loss(
@@ -44,6 +53,7 @@ def inference_loss(
     energy_data: torch.Tensor,
     sigma: float,
     variant: str = "kl_plus",
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Encoder step.
 
@@ -53,9 +63,9 @@ def inference_loss(
     """
     base = reconstruction_nll(x, x_rec, sigma) + prior_nll(z_q)
     if variant == "kl_minus":
-        return (base - energy_data).mean()
+        return weighted_mean(base - energy_data, weights)
     if variant == "kl_plus":
-        return (base + energy_data - 2.0 * gaussian_entropy(logvar)).mean()
+        return weighted_mean(base + energy_data - 2.0 * gaussian_entropy(logvar), weights)
     raise ValueError(f"unknown inference loss variant {variant!r}")
 
 
@@ -70,7 +80,27 @@ def generator_loss(
 
 
 def vae_loss(
-    x: torch.Tensor, x_rec: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, sigma: float
+    x: torch.Tensor, x_rec: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, sigma: float,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Negative ELBO, KL(Q||P) up to a constant."""
-    return (reconstruction_nll(x, x_rec, sigma) + kl_to_prior(mu, logvar)).mean()
+    return weighted_mean(reconstruction_nll(x, x_rec, sigma) + kl_to_prior(mu, logvar), weights)
+
+
+def trimming_weights(x: torch.Tensor, x_rec: torch.Tensor, sigma: float, fraction: float
+                     ) -> torch.Tensor | None:
+    """0/1 weights ``(n,)`` that leave out the ``fraction`` of rows reconstructed worst, or
+    None for ``fraction == 0``.
+
+    Unsupervised training data hold some anomalies; a trimmed loss (the least-trimmed-squares
+    idea) keeps the model from learning to reconstruct them, so they keep their high scores.
+    """
+    if fraction <= 0:
+        return None
+    with torch.no_grad():
+        errors = reconstruction_nll(x, x_rec, sigma)
+        n_kept = max(1, round((1.0 - fraction) * errors.shape[0]))
+        kept = torch.topk(errors, n_kept, largest=False).indices
+        weights = torch.zeros_like(errors)
+        weights[kept] = 1.0
+    return weights

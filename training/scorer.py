@@ -12,10 +12,20 @@ from torch import nn
 from training import objectives
 from training.networks import Networks
 
-SCORE_RULES = ("energy", "joint", "reconstruction", "elbo")
+SCORE_RULES = ("fused", "energy", "joint", "reconstruction", "elbo", "latent_knn")
+# The rules that "fused" adds up, each standardised by its training scores; "energy" only
+# where the model has a critic.
+FUSED_RULES = ("reconstruction", "latent_knn", "energy")
+# Rules that need the bank of training codes, and through it a call of calibrate().
+BANK_RULES = ("fused", "latent_knn")
 
 # Rows per pass in scores_in_chunks: bounds the float64 activations of the conv nets.
 CHUNK_ROWS = 4096
+# Most training rows whose codes the model keeps for latent_knn (a seeded random subset
+# beyond): bounds the saved model (10,000 x latent_dim floats) and the cost of a score.
+BANK_ROWS = 10_000
+# Neighbours of the latent_knn rule (the usual k of kNN detectors, PyOD's default).
+N_NEIGHBORS = 5
 
 
 class AnomalyScorer(nn.Module):
@@ -29,16 +39,30 @@ class AnomalyScorer(nn.Module):
         Preprocessing learned in fit: ``x_model = (x_raw - shift) / scale``.
     input_shape : tuple of int
         Shape of one preprocessed sample, ``(d,)`` or ``(C, H, W)``.
-    rule : {"energy", "joint", "reconstruction", "elbo"}
+    rule : {"fused", "energy", "joint", "reconstruction", "elbo", "latent_knn"}
         ``energy`` = E(x, mu); ``reconstruction`` = -log p(x | mu);
         ``joint`` = E(x, mu) - log p(x | mu) - log p(mu) (the energy term is dropped for the VAE);
-        ``elbo`` = -log p(x | mu) + KL(q(z|x) || p(z)).
+        ``elbo`` = -log p(x | mu) + KL(q(z|x) || p(z));
+        ``latent_knn`` = mean distance from mu(x) to its ``N_NEIGHBORS`` nearest codes in
+        ``code_bank`` (the aggregate posterior's density, which the prior N(0, I) of ``joint``
+        does not describe);
+        ``fused`` = the sum over ``FUSED_RULES`` of (score - fusion_center) / fusion_spread:
+        each rule in the units of its own spread on training data, so that none drowns the
+        others by scale alone.
     decoder_sigma : float
         Standard deviation of p(x|z) used in training.
+    code_bank : Tensor of shape (n_bank, latent_dim) or None
+        Posterior means of training rows, set by :meth:`calibrate`.
+    fusion_center, fusion_spread : Tensor of shape (len(FUSED_RULES),) or None
+        Median and interquartile range of each fused rule on the bank's training rows, set by
+        :meth:`calibrate` (an absent energy gets center 0 and spread 1 and is left out).
     """
 
     def __init__(self, networks: Networks, shift: torch.Tensor, scale: torch.Tensor,
-                 input_shape: tuple[int, ...], rule: str, decoder_sigma: float) -> None:
+                 input_shape: tuple[int, ...], rule: str, decoder_sigma: float,
+                 code_bank: torch.Tensor | None = None,
+                 fusion_center: torch.Tensor | None = None,
+                 fusion_spread: torch.Tensor | None = None) -> None:
         super().__init__()
         if rule not in SCORE_RULES:
             raise ValueError(f"score_rule must be one of {SCORE_RULES}, got {rule!r}")
@@ -53,6 +77,42 @@ class AnomalyScorer(nn.Module):
         self.input_shape = tuple(input_shape)
         self.rule = rule
         self.decoder_sigma = float(decoder_sigma)
+        k = networks.encoder.mu.out_features
+        n_fused = len(FUSED_RULES)
+        # Empty until calibrate(); buffers, so that they are saved and exported with the weights.
+        self.register_buffer("code_bank", torch.zeros(0, k, dtype=shift.dtype)
+                             if code_bank is None else code_bank.clone())
+        self.register_buffer("fusion_center", torch.zeros(n_fused, dtype=shift.dtype)
+                             if fusion_center is None else fusion_center.clone())
+        self.register_buffer("fusion_spread", torch.ones(n_fused, dtype=shift.dtype)
+                             if fusion_spread is None else fusion_spread.clone())
+
+    @property
+    def is_calibrated(self) -> bool:
+        return self.code_bank.shape[0] > 0
+
+    def calibrate(self, x_bank_raw: torch.Tensor) -> None:
+        """Store the codes of ``x_bank_raw`` (raw training rows ``(n_bank, n_features)``) as
+        the bank of the ``latent_knn`` rule, and the median and interquartile range of each
+        fused rule on those rows, each bank row scored without itself as a neighbour."""
+        with torch.no_grad():
+            x = self.preprocess(x_bank_raw)
+            mu, _ = self.encoder(x.to(self.encoder.mu.weight.dtype))
+            self.code_bank = mu.to(self.shift.dtype).clone()
+            rules = tuple(r for r in FUSED_RULES if r != "energy" or self.energy is not None)
+            by_rule = self.scores_in_chunks(x_bank_raw, rules, leave_one_out=True)
+        center, spread = torch.zeros_like(self.fusion_center), torch.ones_like(self.fusion_spread)
+        for i, rule in enumerate(FUSED_RULES):
+            if rule in by_rule:
+                scores = by_rule[rule]
+                q1, median, q3 = torch.quantile(
+                    scores, torch.tensor([0.25, 0.5, 0.75], dtype=scores.dtype))
+                center[i] = median
+                # A rule that is constant on the training rows gets unit spread rather than
+                # an infinite weight.
+                iqr = float(q3 - q1)
+                spread[i] = iqr if iqr > 1e-12 * max(1.0, abs(float(median))) else 1.0
+        self.fusion_center, self.fusion_spread = center, spread
 
     @property
     def networks(self) -> Networks:
@@ -70,24 +130,47 @@ class AnomalyScorer(nn.Module):
         return self.scores(x_raw, (self.rule,))[self.rule]
 
     def scores_in_chunks(self, x_raw: torch.Tensor, rules: tuple[str, ...] = SCORE_RULES,
-                         chunk_rows: int = CHUNK_ROWS) -> dict[str, torch.Tensor]:
+                         chunk_rows: int = CHUNK_ROWS, leave_one_out: bool = False
+                         ) -> dict[str, torch.Tensor]:
         """:meth:`scores` of many rows, ``chunk_rows`` at a time, without autograd, so that
         memory stays bounded whatever the number of rows."""
         with torch.no_grad():
-            chunks = [self.scores(x_raw[start:start + chunk_rows], rules)
+            chunks = [self.scores(x_raw[start:start + chunk_rows], rules, leave_one_out)
                       # at least one chunk, so that no rows give empty scores, not an error
                       for start in range(0, max(x_raw.shape[0], 1), chunk_rows)]
         return {rule: torch.cat([c[rule] for c in chunks]) for rule in chunks[0]}
 
-    def scores(self, x_raw: torch.Tensor, rules: tuple[str, ...] = SCORE_RULES
-               ) -> dict[str, torch.Tensor]:
+    def latent_knn(self, mu: torch.Tensor, leave_one_out: bool = False) -> torch.Tensor:
+        """Mean Euclidean distance from each code ``(n, k)`` to its nearest codes in the bank,
+        ``(n,)``; ``leave_one_out`` skips the nearest one (for rows that are in the bank)."""
+        n_bank = self.code_bank.shape[0]
+        skip = int(leave_one_out and n_bank > 1)
+        n_nearest = min(N_NEIGHBORS + skip, n_bank)
+        # |a - b|^2 = |a|^2 - 2 a.b + |b|^2: one matmul, which ONNX and BLAS run well.
+        norms = mu.pow(2).sum(1, keepdim=True) + self.code_bank.pow(2).sum(1)  # (n, n_bank)
+        squared = norms - 2.0 * mu @ self.code_bank.T
+        # The expansion cancels to rounding noise (~1e-16 |a|^2), not 0, for a row's own
+        # code, and the square root would blow that up into a batch-dependent 1e-8: distances
+        # below 1e-5 of the norms count as 0.
+        squared = torch.where(squared < 1e-10 * norms, torch.zeros_like(squared), squared)
+        nearest = torch.topk(squared, n_nearest, dim=1, largest=False).values
+        return nearest[:, skip:].clamp_min(0.0).sqrt().mean(1)
+
+    def scores(self, x_raw: torch.Tensor, rules: tuple[str, ...] = SCORE_RULES,
+               leave_one_out: bool = False) -> dict[str, torch.Tensor]:
         """Anomaly scores of ``(n, n_features)`` raw rows under several rules from one pass
-        through the networks; each network runs only if a requested rule needs it."""
+        through the networks; each network runs only if a requested rule needs it.
+        ``leave_one_out`` is for rows of the code bank: their own code is not a neighbour."""
         unknown = set(rules) - set(SCORE_RULES)
         if unknown:
             raise ValueError(f"unknown score rules {sorted(unknown)}; expected {SCORE_RULES}")
         if self.energy is None:
             rules = tuple(r for r in rules if r != "energy")
+        if not self.is_calibrated:
+            if self.rule in BANK_RULES and set(BANK_RULES) & set(rules):
+                raise RuntimeError(f"score rule {self.rule!r} needs calibrate() first")
+            rules = tuple(r for r in rules if r not in BANK_RULES)
+        needed = set(rules) | (set(FUSED_RULES) if "fused" in rules else set())
         # Preprocessing and the score's sums run in the dtype of the input and of shift/scale;
         # the networks in their own. A float32 network (the ONNX export) under float64 input
         # then loses precision only inside the networks, not in the large sums.
@@ -95,18 +178,23 @@ class AnomalyScorer(nn.Module):
         x_net = x.to(self.encoder.mu.weight.dtype)
         mu_net, logvar = self.encoder(x_net)                           # (n, k) each
         mu = mu_net.to(x.dtype)
-        energy = recon = None
-        if self.energy is not None and {"energy", "joint"} & set(rules):
+        energy = recon = knn = None
+        if self.energy is not None and {"energy", "joint"} & needed:
             energy = self.energy(x_net, mu_net).to(x.dtype)            # (n,)
-        if {"joint", "reconstruction", "elbo"} & set(rules):
+        if {"joint", "reconstruction", "elbo"} & needed:
             x_hat = self.generator(mu_net).to(x.dtype)
             recon = objectives.reconstruction_nll(x, x_hat, self.decoder_sigma)
+        if "latent_knn" in needed:
+            knn = self.latent_knn(mu, leave_one_out)
+        components = {"energy": energy, "reconstruction": recon, "latent_knn": knn}
         out = {}
         for rule in rules:
-            if rule == "energy":
-                out[rule] = energy
-            elif rule == "reconstruction":
-                out[rule] = recon
+            if rule in components:
+                out[rule] = components[rule]
+            elif rule == "fused":
+                out[rule] = sum((components[name] - self.fusion_center[i]) / self.fusion_spread[i]
+                                for i, name in enumerate(FUSED_RULES)
+                                if components[name] is not None)
             elif rule == "elbo":
                 out[rule] = recon + objectives.kl_to_prior(mu, logvar.to(x.dtype))
             else:
