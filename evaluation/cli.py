@@ -31,6 +31,19 @@ def _ints(text: str) -> list[int]:
                                          ) from None
 
 
+def _json_object(text: str) -> dict:
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}: {err}"
+                                         ) from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
 def _names(text: str) -> list[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
 
@@ -72,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"comma-separated; default {','.join(DEFAULT_METHODS)}, plus "
                             "pyod_knn for quick and digits and "
                             f"{','.join(PYOD_METHODS)} for mnist, images and adbench")
+    bench.add_argument("--detector-params", type=_json_object, default={},
+                       help="JSON object of LatentEBMDetector parameters for our two models, "
+                            "e.g. '{\"latent_dim\": 4, \"score_rule\": \"joint\"}' (a lever "
+                            "to screen); use a separate --out for each setting")
     bench.add_argument("--out", type=Path, default=Path("results"),
                        help="output directory (CSV and Markdown); reruns resume from it")
 
@@ -155,7 +172,7 @@ def run_bench(args: argparse.Namespace) -> int:
         print(markdown(table.set_index("rows"), digits=6))
         return 0
     epochs = args.epochs
-    detector_params = {}
+    detector_params = dict(args.detector_params)
     if args.budget_minutes is not None:
         detector_params["max_training_seconds"] = 60.0 * args.budget_minutes
         epochs = epochs if epochs is not None else 1000

@@ -157,3 +157,16 @@ def test_a_failing_or_non_finite_peer_is_recorded_not_fatal(tmp_path, monkeypatc
     assert "unknown method" in frame.loc["no_such_method", "error"]
     assert frame.loc["lof", "auroc"] > 0.9
     assert (tmp_path / "toy_2_seed0_roc_pr.png").is_file()  # drawn without the inf scores
+
+
+def test_detector_params_option_reaches_our_models():
+    from evaluation.methods import MethodOptions, make_method
+
+    args = cli.build_parser().parse_args(
+        ["bench", "--detector-params", '{"latent_dim": 3, "score_rule": "joint"}'])
+    assert args.detector_params == {"latent_dim": 3, "score_rule": "joint"}
+    model = make_method("vae_ablation", 0, MethodOptions(detector_params=args.detector_params))
+    assert (model.latent_dim, model.score_rule, model.objective) == (3, "joint", "vae")
+    for bad in ("[1, 2]", "{latent_dim: 3}"):
+        with pytest.raises(SystemExit):
+            cli.build_parser().parse_args(["bench", "--detector-params", bad])
