@@ -345,7 +345,10 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
         """score_samples of validated float64 rows, in chunks to bound memory."""
         rule = self.scorer_.rule
         x_raw = torch.tensor(rows, dtype=torch.float64)
-        return -self.scorer_.scores_in_chunks(x_raw, (rule,))[rule].numpy()
+        normality = -self.scorer_.scores_in_chunks(x_raw, (rule,))[rule].numpy()
+        # Overflow inside the networks (inputs near float64's limit) is the most anomalous
+        # score there is, as in the exported graph; NaN would compare as an inlier.
+        return np.where(np.isnan(normality), -np.inf, normality)
 
     def score_samples(self, X) -> np.ndarray:
         """Normality score, higher = more normal (the negative anomaly score).

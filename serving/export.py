@@ -33,6 +33,10 @@ class FusedScorer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         normality = -self.scorer(x)
+        # A value beyond float32's range overflows the float32 networks into NaN; such a row
+        # is as anomalous as a score can be, never an inlier (NaN < 0 would be False).
+        normality = torch.where(torch.isnan(normality),
+                                torch.full_like(normality, -torch.inf), normality)
         decision = normality - self.offset
         label = torch.where(decision < 0, -1, 1).to(torch.int64)
         return normality, decision, label

@@ -191,3 +191,19 @@ def test_every_score_rule_exports_with_parity(tmp_path, rule):
     np.testing.assert_allclose(runtime.score_samples(X), det.score_samples(X),
                                rtol=1e-5, atol=1e-5)
     assert runtime.score_rule_ == rule
+
+
+@pytest.mark.parametrize("value", [1e40, -1e40, 1e300])
+def test_values_beyond_float32_are_outliers_on_every_path(exported, value):
+    det, path = exported["tabular"]
+    runtime = OnnxDetector(path, providers=["CPUExecutionProvider"])
+    X = _fresh("tabular", 3)
+    X[1, 2] = value
+    for model in (det, runtime):
+        scores = model.score_samples(X)
+        # The float64 estimator may keep a huge finite score where the float32 graph
+        # overflows to -inf; both rank the row below every other, neither gives NaN.
+        assert not np.isnan(scores).any()
+        assert scores[1] < min(scores[0], scores[2]) - 1e6
+        assert model.predict(X)[1] == -1
+    np.testing.assert_array_equal(runtime.predict(X), det.predict(X))
