@@ -227,7 +227,7 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
         if not (isinstance(self.lr_decay, numbers.Real) and 0 < self.lr_decay <= 1):
             raise ValueError(f"lr_decay must be in (0, 1], got {self.lr_decay!r}")
 
-    def resolve_score_rule(self, is_image: bool) -> str:
+    def _resolve_score_rule(self, is_image: bool) -> str:
         """The score rule ``score_rule`` stands for on images or on tabular rows."""
         if self.score_rule != "auto":
             return self.score_rule
@@ -247,8 +247,7 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
             lr_ebm=float(self.ebm_learning_rate), lr=float(self.learning_rate),
             weight_decay=float(self.weight_decay), lr_decay=float(self.lr_decay),
             decoder_sigma=float(self.decoder_sigma),
-            critic_negatives=((self.critic_negatives,) if isinstance(self.critic_negatives, str)
-                              else tuple(self.critic_negatives)),
+            critic_negatives=self.critic_negatives,
             trim_fraction=float(self.trim_fraction),
             max_seconds=(None if self.max_training_seconds is None
                          else float(self.max_training_seconds)),
@@ -285,7 +284,7 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
         else:
             input_shape = (X.shape[1],)
         network_config = self._network_config(input_shape)
-        self.score_rule_ = self.resolve_score_rule(network_config.is_image)
+        self.score_rule_ = self._resolve_score_rule(network_config.is_image)
         self._sample_shape = sample_shape if sample_shape is not None else (X.shape[1],)
         self.input_shape_ = input_shape
 
@@ -318,12 +317,9 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
         self.training_history_ = history.epochs
         self.n_rollbacks_ = history.rollbacks
 
-        in_bank = np.ones(len(X), dtype=bool)
-        if len(X) > BANK_ROWS:
-            bank_rng = np.random.RandomState(seed)
-            in_bank[:] = False
-            in_bank[bank_rng.choice(len(X), BANK_ROWS, replace=False)] = True
-        self.scorer_.calibrate(torch.from_numpy(X[in_bank]))
+        bank = X if len(X) <= BANK_ROWS else X[np.sort(
+            np.random.RandomState(seed).choice(len(X), BANK_ROWS, replace=False))]
+        self.scorer_.calibrate(torch.from_numpy(bank))
         # Training rows are scored as predict() will score them (a row in the bank is its own
         # nearest code), so that predict(X) flags the `contamination` fraction of them, as
         # scikit-learn's contract says; unseen rows score a little more anomalous.

@@ -14,12 +14,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from training import AnomalyScorer, build_networks
+from training.scorer import FLOAT64_BUFFERS
 
 # 2: the scorer keeps a bank of training codes and the fused rule's calibration.
 FORMAT_VERSION = 2
 CONFIG_NAME = "detector.json"
 WEIGHTS_NAME = "weights.safetensors"
-FLOAT64_BUFFERS = ("shift", "scale", "code_bank", "fusion_center", "fusion_spread")
 
 
 def package_version() -> str:

@@ -16,9 +16,10 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from anomaly._persistence import FLOAT64_BUFFERS, package_version
+from anomaly._persistence import package_version
 from serving import metadata
 from training import AnomalyScorer
+from training.scorer import FLOAT64_BUFFERS
 
 GRAPHS = ("scorer", "encoder", "energy")
 

@@ -112,7 +112,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
-        object.__setattr__(self, "critic_negatives", tuple(self.critic_negatives))
+        negatives = self.critic_negatives
+        object.__setattr__(self, "critic_negatives",
+                           (negatives,) if isinstance(negatives, str) else tuple(negatives))
         unknown = set(self.critic_negatives) - set(CRITIC_NEGATIVES)
         if unknown:
             raise ValueError(f"critic_negatives must be drawn from {CRITIC_NEGATIVES}, "

@@ -24,6 +24,9 @@ CHUNK_ROWS = 4096
 # Most training rows whose codes the model keeps for latent_knn (a seeded random subset
 # beyond): bounds the saved model (10,000 x latent_dim floats) and the cost of a score.
 BANK_ROWS = 10_000
+# Buffers that keep float64 when the networks go to float32 (save, ONNX export): the
+# preprocessing and the score's calibration, statistics computed by the float64 scorer.
+FLOAT64_BUFFERS = ("shift", "scale", "code_bank", "fusion_center", "fusion_spread")
 # Neighbours of the latent_knn rule (the usual k of kNN detectors, PyOD's default).
 N_NEIGHBORS = 5
 
@@ -96,9 +99,10 @@ class AnomalyScorer(nn.Module):
         the bank of the ``latent_knn`` rule, and the median and interquartile range of each
         fused rule on those rows, each bank row scored without itself as a neighbour."""
         with torch.no_grad():
-            x = self.preprocess(x_bank_raw)
-            mu, _ = self.encoder(x.to(self.encoder.mu.weight.dtype))
-            self.code_bank = mu.to(self.shift.dtype).clone()
+            self.code_bank = torch.cat([
+                self.encoder(self.preprocess(x_bank_raw[start:start + CHUNK_ROWS])
+                             .to(self.encoder.mu.weight.dtype))[0].to(self.shift.dtype)
+                for start in range(0, x_bank_raw.shape[0], CHUNK_ROWS)])
             rules = tuple(r for r in FUSED_RULES if r != "energy" or self.energy is not None)
             by_rule = self.scores_in_chunks(x_bank_raw, rules, leave_one_out=True)
         center, spread = torch.zeros_like(self.fusion_center), torch.ones_like(self.fusion_spread)
@@ -154,7 +158,7 @@ class AnomalyScorer(nn.Module):
         # below 1e-5 of the norms count as 0.
         squared = torch.where(squared < 1e-10 * norms, torch.zeros_like(squared), squared)
         nearest = torch.topk(squared, n_nearest, dim=1, largest=False).values
-        return nearest[:, skip:].clamp_min(0.0).sqrt().mean(1)
+        return nearest[:, skip:].sqrt().mean(1)
 
     def scores(self, x_raw: torch.Tensor, rules: tuple[str, ...] = SCORE_RULES,
                leave_one_out: bool = False) -> dict[str, torch.Tensor]:
