@@ -25,10 +25,11 @@ def test_image_side_must_divide():
 
 
 def test_spectral_norm_on_every_energy_layer_and_freeze():
-    nets = build_networks(NetworkConfig(input_shape=(1, 8, 8), width=4, depth=2))
+    config = NetworkConfig(input_shape=(1, 8, 8), width=4, depth=2)
+    nets = build_networks(config)
     layers = [m for m in nets.energy.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     assert layers and all(is_parametrized(m, "weight") for m in layers)
-    x, z = torch.randn(4, 1, 8, 8), torch.randn(4, 16)
+    x, z = torch.randn(4, 1, 8, 8), torch.randn(4, config.latent_dim)
     nets.energy.eval()
     before = nets.energy(x, z)
     nets.freeze_spectral_norm()
@@ -47,7 +48,7 @@ def test_energy_scale_multiplies_the_energy():
     scaled = build_networks(NetworkConfig(input_shape=(5,), width=4, depth=1, energy_scale=7.0))
     base.energy.eval()
     scaled.energy.eval()
-    x, z = torch.randn(3, 5), torch.randn(3, 16)
+    x, z = torch.randn(3, 5), torch.randn(3, base.encoder.mu.out_features)
     torch.testing.assert_close(scaled.energy(x, z), 7.0 * base.energy(x, z))
     with pytest.raises(ValueError, match="energy_scale"):
         NetworkConfig(input_shape=(5,), energy_scale=0.0)

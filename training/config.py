@@ -35,7 +35,7 @@ class NetworkConfig:
     """
 
     input_shape: tuple[int, ...]
-    latent_dim: int = 16
+    latent_dim: int = 32
     width: int = 256
     depth: int = 2
     energy_width: int | None = None
@@ -104,7 +104,7 @@ class TrainConfig:
     lr_decay: float = 0.998
     betas: tuple[float, float] = (0.0, 0.9)
     grad_clip: float | None = 100.0
-    decoder_sigma: float = 0.3
+    decoder_sigma: float = 0.1
     max_rollbacks: int = 3
     max_seconds: float | None = None
     critic_negatives: tuple[str, ...] = ()

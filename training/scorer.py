@@ -49,9 +49,12 @@ class AnomalyScorer(nn.Module):
         ``latent_knn`` = mean distance from mu(x) to its ``N_NEIGHBORS`` nearest codes in
         ``code_bank`` (the aggregate posterior's density, which the prior N(0, I) of ``joint``
         does not describe);
-        ``fused`` = the sum over ``FUSED_RULES`` of (score - fusion_center) / fusion_spread:
-        each rule in the units of its own spread on training data, so that none drowns the
-        others by scale alone.
+        ``fused`` = the sum over ``FUSED_RULES`` of max(0, (score - fusion_center) /
+        fusion_spread): each rule in the units of its own spread on training data, so that
+        none drowns the others by scale alone, and counted only where it says "more anomalous
+        than the typical training row". A rule that finds a sample unusually *normal* (the
+        reconstruction of a simple digit, an energy inverted on some data) then cannot cancel
+        another rule's evidence against it.
     decoder_sigma : float
         Standard deviation of p(x|z) used in training.
     code_bank : Tensor of shape (n_bank, latent_dim) or None
@@ -196,7 +199,8 @@ class AnomalyScorer(nn.Module):
             if rule in components:
                 out[rule] = components[rule]
             elif rule == "fused":
-                out[rule] = sum((components[name] - self.fusion_center[i]) / self.fusion_spread[i]
+                out[rule] = sum(torch.clamp((components[name] - self.fusion_center[i])
+                                            / self.fusion_spread[i], min=0.0)
                                 for i, name in enumerate(FUSED_RULES)
                                 if components[name] is not None)
             elif rule == "elbo":
