@@ -63,7 +63,8 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
         (a bank of at most 10,000 codes kept in the model); ``"fused"`` = the sum of the
         reconstruction, latent_knn and energy scores, each centred by its median, divided
         by its interquartile range on the training rows and cut at 0 from below (a rule
-        counts only where it finds the sample more anomalous than the median). README: which rule ranks best where.
+        counts only where it finds the sample more anomalous than the median). README:
+        which rule ranks best where.
     inference_loss : {"kl_plus", "kl_minus"}, default="kl_plus"
         Encoder objective: ``"kl_plus"`` minimises KL(Q||P) + KL(Q||Pi); ``"kl_minus"``
         (the authors' code) KL(Q||P) - KL(Q||Pi), which collapses the encoder variance.
