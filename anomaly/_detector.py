@@ -325,7 +325,7 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
 
         bank = X if len(X) <= BANK_ROWS else X[np.sort(
             np.random.RandomState(seed).choice(len(X), BANK_ROWS, replace=False))]
-        self.scorer_.calibrate(torch.from_numpy(bank))
+        self.scorer_.calibrate(torch.tensor(bank))  # a copy: X may be a read-only view
         # Training rows are scored as predict() will score them (a row in the bank is its own
         # nearest code), so that predict(X) flags the `contamination` fraction of them, as
         # scikit-learn's contract says; unseen rows score a little more anomalous.

@@ -14,8 +14,8 @@ import logging
 import sys
 from pathlib import Path
 
-SUITES = ("quick", "digits", "mnist", "images", "adbench", "reconstruction", "inpainting",
-          "speed", "serving", "rest", "spark")
+SUITES = ("quick", "digits", "mnist", "images", "adbench", "tabular", "reconstruction",
+          "inpainting", "speed", "serving", "rest", "spark")
 IMAGE_DEFAULT_CLASSES = (1, 4, 5, 7, 9)
 DEFAULT_METHODS = ("triangle", "vae_ablation", "isolation_forest", "lof", "ocsvm")
 # On load_digits a plain nearest-neighbour score in pixel space is the strongest peer.
@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "digits: the same protocol, 3 seeds, default epochs; "
                             "mnist / images: held-out class on MNIST / an npz image set; "
                             "adbench: the tabular ADBench protocol; "
+                            "tabular: the same protocol on your own labelled CSV, parquet or "
+                            "npz file(s) (--data, --label-column); "
                             "reconstruction, inpainting: MNIST test images; "
                             "speed: training throughput, triangle vs VAE, MNIST-sized images; "
                             "serving: CPU scoring, torch vs ONNX Runtime; "
@@ -68,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--data", type=Path, default=None,
                        help="data directory: speed takes the MNIST npz directory, serving "
                             "the shared data root (with mnist/ and adbench/); random data if "
-                            "omitted")
+                            "omitted; tabular takes a .csv, .parquet or .npz file or a "
+                            "directory of them")
     bench.add_argument("--classes", "--digits", dest="classes", type=_ints, default=None,
                        help="held-out classes, e.g. 1,4,7 (default: all digits for digits, "
                             "1,4,5,7,9 for image sets)")
@@ -89,6 +92,22 @@ def build_parser() -> argparse.ArgumentParser:
                        help="JSON object of LatentEBMDetector parameters for our two models, "
                             "e.g. '{\"latent_dim\": 4, \"score_rule\": \"joint\"}' (a lever "
                             "to screen); use a separate --out for each setting")
+    bench.add_argument("--label-column", default=None,
+                       help="tabular: the column of labels in CSV / parquet files (npz files "
+                            "use their X and y arrays)")
+    bench.add_argument("--anomaly-label", default=None,
+                       help="tabular: the label value that marks an anomaly, when labels are "
+                            "not 0/1 (e.g. fraud)")
+    bench.add_argument("--drop-columns", type=_names, default=[],
+                       help="tabular: comma-separated columns that are not features (ids, "
+                            "text)")
+    bench.add_argument("--protocol", choices=("unsupervised", "semi-supervised"),
+                       default="unsupervised",
+                       help="tabular: fit on all training rows, anomalies included "
+                            "(unsupervised, ADBench's protocol) or on the normal training "
+                            "rows only (semi-supervised); the test rows are the same")
+    bench.add_argument("--test-size", type=float, default=0.3,
+                       help="tabular: share of the rows held out for testing (stratified)")
     bench.add_argument("--out", type=Path, default=Path("results"),
                        help="output directory (CSV and Markdown); reruns resume from it")
 
@@ -129,12 +148,14 @@ def _paired_tables(frame) -> dict:
 def run_bench(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from evaluation import datasets, speed
+    from evaluation import datasets, speed, suites
     from evaluation.methods import MethodOptions
-    from evaluation.results import markdown, write_tables
+    from evaluation.results import ResultLog, markdown, write_tables
     from evaluation.suites import digits_suite
 
     out = Path(args.out) / args.suite
+    # Every input problem of the user's own files is found before anything is written.
+    tabular_input = _tabular_input(args) if args.suite == "tabular" else None
     out.mkdir(parents=True, exist_ok=True)
     if args.suite == "speed":
         if args.data is not None:
@@ -189,32 +210,115 @@ def run_bench(args: argparse.Namespace) -> int:
         )
         _held_out_report(log, out)
         return 0
+    if tabular_input is not None:
+        files, load, split_options = tabular_input
+        log = ResultLog(out / "tabular.csv")
+        suites.tabular_suite(files, load, seeds=args.seeds if args.seeds is not None else [0],
+                             methods=args.methods or _all_methods(), log=log,
+                             options=MethodOptions(epochs=epochs,
+                                                   detector_params=detector_params),
+                             split_options=split_options, plot_dir=out,
+                             model_dir=out / "models")
+        _tables_report(log, out)
+        print(f"\ndetector fitted on the first seed, per file: {out / 'models'}  "
+              "(divtri score / divtri export take it from there)")
+        return 0
     return _run_data_suite(args, out, epochs, detector_params)
+
+
+def _all_methods() -> list[str]:
+    """Ours and every peer; PyOD's only where it is installed."""
+    from importlib.util import find_spec
+
+    from evaluation.methods import OURS, PYOD_PEERS, SKLEARN_PEERS
+
+    if find_spec("pyod") is None:
+        logging.getLogger(__name__).warning(
+            "PyOD is not installed: its detectors are left out (pip install "
+            "'divtri-anomaly[bench]')")
+        return [*OURS, *SKLEARN_PEERS]
+    return [*OURS, *SKLEARN_PEERS, *PYOD_PEERS]
+
+
+def _tabular_input(args: argparse.Namespace):
+    """The files of the tabular suite, their loader and split options, each file read and
+    checked (labels, features, and a split of every seed) before the run starts."""
+    from functools import partial
+
+    from evaluation import protocols
+    from evaluation.methods import OURS, PYOD_PEERS, SKLEARN_PEERS
+    from evaluation.user_data import DataError, labelled_files, load_labelled_table
+
+    if args.data is None:
+        raise DataError("the tabular suite needs --data FILE or DIRECTORY "
+                        "(.csv, .parquet or .npz)")
+    if not 0.0 < args.test_size < 1.0:
+        raise DataError(f"--test-size must be between 0 and 1, got {args.test_size}")
+    known = (*OURS, *SKLEARN_PEERS, *PYOD_PEERS)
+    unknown = [name for name in args.methods or () if name not in known]
+    if unknown:
+        raise DataError(f"unknown methods {unknown}; choose from {', '.join(known)}")
+    load = partial(load_labelled_table, label_column=args.label_column,
+                   anomaly_label=args.anomaly_label, drop_columns=tuple(args.drop_columns))
+    split_options = {"test_fraction": args.test_size,
+                     "semi_supervised": args.protocol == "semi-supervised"}
+    files = labelled_files(args.data)
+    for path in files.values():
+        X, y = load(path)
+        for seed in args.seeds if args.seeds is not None else [0]:
+            try:
+                split = protocols.tabular(X, y, seed, **split_options)
+            except ValueError as err:  # scikit-learn's stratified split
+                raise DataError(f"{path}: cannot split {len(y)} rows ({int(y.sum())} "
+                                f"anomalies) with --test-size {args.test_size}: {err}"
+                                ) from None
+            if len(set(split.y_test)) < 2 or len(split.X_train) < 2:
+                raise DataError(f"{path}: with --test-size {args.test_size} the split of "
+                                f"seed {seed} leaves {len(split.X_train)} training rows and "
+                                f"{int(split.y_test.sum())} test anomalies of "
+                                f"{len(split.y_test)} test rows; it needs both classes in "
+                                "the test rows: add anomalies or change --test-size")
+    return files, load, split_options
+
+
+def _tables_report(log, out: Path) -> None:
+    from evaluation.results import markdown, mean_rank, per_target, summary, write_tables
+
+    frame = log.frame()
+    auroc = per_target(frame, "auroc")
+    table = summary(frame).join(mean_rank(auroc))
+    tables = {"summary": table, "auroc_per_dataset": auroc,
+              "auprc_per_dataset": per_target(frame, "auprc"), **_paired_tables(frame)}
+    write_tables(tables, out)
+    print(f"results: {log.path}\n")
+    print(markdown(table))
+    if "paired_auroc" in tables:
+        print("\n" + markdown(tables["paired_auroc"]))
 
 
 def _run_data_suite(args: argparse.Namespace, out: Path, epochs, detector_params) -> int:
     from evaluation import datasets, suites
     from evaluation.methods import MethodOptions
-    from evaluation.results import ResultLog, markdown, mean_rank, per_target, summary, write_tables
+    from evaluation.results import ResultLog, markdown, write_tables
 
     seeds = args.seeds if args.seeds is not None else [0]
     methods = args.methods or list(DEFAULT_METHODS + PYOD_METHODS)
     if args.suite == "adbench":
         if args.data is None:
             raise SystemExit("adbench needs --data DIRECTORY of ADBench npz files")
+        files = datasets.adbench(args.data)
+        unknown = set(args.datasets or ()) - set(files)
+        if unknown:
+            raise ValueError(f"no ADBench file for {sorted(unknown)} in {args.data}; the "
+                             f"files there are {list(files)}")
         log = ResultLog(out / "adbench.csv")
-        suites.tabular_suite(args.data, names=args.datasets,
+        suites.tabular_suite({n: files[n] for n in (args.datasets or files)},
+                             datasets.load_adbench_file,
                              seeds=args.seeds if args.seeds is not None else [0, 1, 2],
                              methods=methods, log=log,
                              options=MethodOptions(epochs=epochs,
                                                    detector_params=detector_params))
-        frame = log.frame()
-        auroc = per_target(frame, "auroc")
-        table = summary(frame).join(mean_rank(auroc))
-        write_tables({"summary": table, "auroc_per_dataset": auroc,
-                      "auprc_per_dataset": per_target(frame, "auprc"), **_paired_tables(frame)},
-                     out)
-        print(markdown(table))
+        _tables_report(log, out)
         return 0
     if args.suite == "images":
         if args.data is None:
@@ -251,6 +355,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2),
                         format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return _run_command(args)
+    except (ValueError, OSError) as err:
+        # A problem with the user's input or files: one line, not a traceback (-v shows it).
+        if args.verbose:
+            raise
+        message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        print(f"divtri {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+def _run_command(args: argparse.Namespace) -> int:
     if args.command == "bench":
         return run_bench(args)
     if args.command == "export":

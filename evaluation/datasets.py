@@ -52,10 +52,27 @@ def labelled_images(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     return X, y.astype(np.int64)
 
 
+def _adbench_name(path: Path) -> tuple[int | float, str]:
+    """(ADBench's number, name) of ``NN_name.npz``; a file named otherwise keeps its whole
+    stem as its name and sorts after the numbered ones."""
+    number, _, rest = path.stem.partition("_")
+    if number.isdigit() and rest:
+        return int(number), rest
+    return float("inf"), path.stem
+
+
 def adbench(directory: str | Path) -> dict[str, Path]:
-    """ADBench-format files in ``directory`` (``NN_name.npz``), by name, in numeric order."""
-    files = sorted(Path(directory).glob("*.npz"), key=lambda p: int(p.stem.split("_", 1)[0]))
-    return {p.stem.split("_", 1)[1]: p for p in files}
+    """The npz files in ``directory``, by name: ADBench's ``NN_name.npz`` as ``name`` in
+    numeric order, then any other file under its own stem, in name order."""
+    files = sorted(Path(directory).glob("*.npz"), key=_adbench_name)
+    named: dict[str, Path] = {}
+    for path in files:
+        name = _adbench_name(path)[1]
+        if name in named:
+            raise ValueError(f"{named[name]} and {path} both give the data set name {name!r}; "
+                             "rename one")
+        named[name] = path
+    return named
 
 
 def load_adbench_file(path: str | Path) -> tuple[np.ndarray, np.ndarray]:

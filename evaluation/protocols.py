@@ -45,14 +45,19 @@ def _stratified_cap(X: np.ndarray, y: np.ndarray, cap: int, seed: int
 
 
 def tabular(X: np.ndarray, y: np.ndarray, seed: int, *, test_fraction: float = 0.3,
-            train_cap: int = 10_000, test_cap: int = 20_000) -> Split:
+            train_cap: int = 10_000, test_cap: int = 20_000,
+            semi_supervised: bool = False) -> Split:
     """ADBench-style: stratified 70/30 split with ``seed``; the training rows (anomalies
     included, labels unused) are capped at ``train_cap`` and the test rows at ``test_cap`` by
-    stratified subsampling, the same rows for every method."""
+    stratified subsampling, the same rows for every method. ``semi_supervised`` drops the
+    anomalies from the training rows (the methods then learn from normal rows only); the test
+    rows are the same either way."""
     from sklearn.model_selection import train_test_split
 
     X_train, X_test, y_train, y_test = train_test_split(
         X, y, test_size=test_fraction, stratify=y, random_state=seed)
+    if semi_supervised:
+        X_train, y_train = X_train[y_train == 0], y_train[y_train == 0]
     X_train, _ = _stratified_cap(X_train, y_train, train_cap, seed)
     X_test, y_test = _stratified_cap(X_test, y_test, test_cap, seed)
     return Split(X_train, X_test, y_test.astype(np.int64))

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -27,10 +28,9 @@ from evaluation.results import ResultLog
 logger = logging.getLogger(__name__)
 
 
-def _fit_and_score(name: str, seed: int, options: MethodOptions | None, split: protocols.Split
+def _fit_and_score(method, name: str, split: protocols.Split
                    ) -> tuple[dict[str, np.ndarray], float]:
     """Anomaly scores of the test rows per reported method name, and the fit time."""
-    method = make_method(name, seed, options)
     started = time.perf_counter()
     method.fit(flat(split.X_train))
     fit_seconds = time.perf_counter() - started
@@ -43,9 +43,12 @@ def _fit_and_score(name: str, seed: int, options: MethodOptions | None, split: p
 
 
 def _run_jobs(jobs, make_split, *, dataset_of, options, log: ResultLog, desc: str,
-              verbose: bool, plot_dir: Path | None = None) -> None:
+              verbose: bool, plot_dir: Path | None = None, model_dir: Path | None = None
+              ) -> None:
     """Run (target, seed, method) jobs not yet in ``log``; one ROC/PR plot per (target, seed)
-    is drawn from the methods run in this call."""
+    is drawn from the methods run in this call. With ``model_dir``, the triangle detector
+    fitted on the first seed is saved there, one directory per target, for ``divtri score``
+    and ``divtri export``."""
     todo = [j for j in jobs if not log.done(dataset=dataset_of(j[0]), target=j[0], seed=j[1],
                                             method=j[2])]
     curves: dict[tuple, dict[str, np.ndarray]] = {}
@@ -53,13 +56,16 @@ def _run_jobs(jobs, make_split, *, dataset_of, options, log: ResultLog, desc: st
         split = make_split(target, seed)
         row = {"dataset": dataset_of(target), "target": target, "seed": seed}
         try:
-            scored, fit_seconds = _fit_and_score(name, seed, options, split)
+            method = make_method(name, seed, options)
+            scored, fit_seconds = _fit_and_score(method, name, split)
         except Exception as err:
             logger.warning("%s on %s/%s seed %s failed: %s", name, row["dataset"], target,
                            seed, err)
             log.append({**row, "method": name, "auroc": np.nan, "auprc": np.nan,
                         "fit_seconds": np.nan, "error": f"{type(err).__name__}: {err}"})
             continue
+        if model_dir is not None and name == "triangle" and seed == jobs[0][1]:
+            method.save(model_dir / str(target))
         for method_name, scores in scored.items():
             finite = np.isfinite(scores).all()
             metrics = (detection_metrics(split.y_test, scores) if finite
@@ -100,25 +106,24 @@ def held_out_class_suite(
               desc=f"{dataset} held-out class", verbose=verbose, plot_dir=plot_dir)
 
 
-def tabular_suite(directory: Path, *, names: Sequence[str] | None, seeds: Sequence[int],
-                  methods: Sequence[str], log: ResultLog, options: MethodOptions | None = None,
-                  verbose: bool = True) -> None:
-    """ADBench-style protocol on every ``NN_name.npz`` in ``directory`` (or those named)."""
-    files = datasets.adbench(directory)
-    unknown = set(names or ()) - set(files)
-    if unknown:
-        raise ValueError(f"no ADBench file for {sorted(unknown)} in {directory}")
+def tabular_suite(files: Mapping[str, Path], load: Callable[[Path], tuple[np.ndarray, np.ndarray]],
+                  *, seeds: Sequence[int], methods: Sequence[str], log: ResultLog,
+                  options: MethodOptions | None = None, verbose: bool = True,
+                  split_options: Mapping[str, Any] | None = None, plot_dir: Path | None = None,
+                  model_dir: Path | None = None) -> None:
+    """ADBench-style protocol (:func:`protocols.tabular` with ``split_options``) on each
+    ``files`` entry (name -> path), read by ``load`` into ``X`` and ``y`` (1 = anomaly)."""
     loaded: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     def split(name: str, seed: int) -> protocols.Split:
         if name not in loaded:
             loaded.clear()  # one dataset in memory at a time
-            loaded[name] = datasets.load_adbench_file(files[name])
-        return protocols.tabular(*loaded[name], seed)
+            loaded[name] = load(files[name])
+        return protocols.tabular(*loaded[name], seed, **(split_options or {}))
 
-    jobs = [(n, s, m) for n in (names or list(files)) for s in seeds for m in methods]
+    jobs = [(n, s, m) for n in files for s in seeds for m in methods]
     _run_jobs(jobs, split, dataset_of=lambda n: n, options=options, log=log,
-              desc="ADBench", verbose=verbose)
+              desc="tables", verbose=verbose, plot_dir=plot_dir, model_dir=model_dir)
 
 
 def reconstruction_and_inpainting_suite(

@@ -67,9 +67,29 @@ def _verified_metadata(raw: bytes, source: str) -> dict[str, str]:
     return props
 
 
+def check_feature_names(columns, expected: tuple[str, ...] | None, owner: str) -> None:
+    """scikit-learn's rule: a table whose column names differ from those seen in ``fit``
+    (other names, or the same in another order) is refused, not scored by position."""
+    if expected is None:
+        return
+    names = tuple(str(c) for c in columns)
+    if names == expected:
+        return
+    unseen = [n for n in names if n not in expected]
+    missing = [n for n in expected if n not in names]
+    detail = (f"unseen at fit time: {unseen}; " if unseen else "") + \
+        (f"seen at fit time, missing now: {missing}" if missing else "")
+    raise ValueError(f"The feature names should match those that were passed during fit to "
+                     f"{owner}: {detail or 'same names in another order'}; expected "
+                     f"{list(expected)}")
+
+
 def validate_rows(X, n_features: int, sample_shapes: tuple[tuple[int, ...], ...],
-                  owner: str = "OnnxDetector") -> np.ndarray:
+                  owner: str = "OnnxDetector",
+                  feature_names: tuple[str, ...] | None = None) -> np.ndarray:
     """``X`` as float64 rows ``(n, n_features)``, with the estimator's clear errors."""
+    if hasattr(X, "columns") and hasattr(X, "to_numpy"):
+        check_feature_names(X.columns, feature_names, owner)
     if hasattr(X, "to_numpy"):
         X = X.to_numpy()
     arr = np.asarray(X)
@@ -127,6 +147,9 @@ class OnnxDetector:
         The providers the session actually got (onnxruntime-gpu silently falls back to the
         CPU where no usable GPU is found).
     offset_, n_features_in_, input_shape_, score_rule_, metadata_
+    feature_names_in_ : ndarray of str
+        Only for a model fitted on a DataFrame: its column names; a DataFrame with other
+        columns, or the same in another order, is refused.
     """
 
     def __init__(self, path, providers=None, chunk_rows: int | None = None) -> None:
@@ -154,9 +177,14 @@ class OnnxDetector:
         self._sample_shapes = tuple(dict.fromkeys(shapes))
         self.offset_ = float(self.metadata_["offset"])
         self.score_rule_ = self.metadata_["score_rule"]
+        self._feature_names = None
+        if "feature_names" in self.metadata_:
+            self._feature_names = tuple(json.loads(self.metadata_["feature_names"]))
+            self.feature_names_in_ = np.array(self._feature_names, dtype=object)
 
     def _run(self, X) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        rows = validate_rows(X, self.n_features_in_, self._sample_shapes)
+        rows = validate_rows(X, self.n_features_in_, self._sample_shapes,
+                             feature_names=self._feature_names)
         parts = [self.session_.run(None, {"x": rows[i:i + self.chunk_rows]})
                  for i in range(0, len(rows), self.chunk_rows)]
         score, decision, label = (np.concatenate(column) for column in zip(*parts, strict=True))

@@ -2,7 +2,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from evaluation import cli, protocols
+from anomaly import LatentEBMDetector
+from evaluation import cli, datasets, protocols
 from evaluation.masks import (
     MASKS,
     block_side,
@@ -11,6 +12,7 @@ from evaluation.masks import (
     reconstruction_mse,
 )
 from evaluation.methods import MethodOptions
+from evaluation.metrics import detection_metrics
 from evaluation.results import ResultLog
 from evaluation.suites import reconstruction_and_inpainting_suite, tabular_suite
 from tests.conftest import TINY
@@ -69,14 +71,33 @@ def test_tabular_suite_on_adbench_files(tmp_path):
         X = np.vstack([rng.normal(size=(150, 4)), rng.normal(loc=5, size=(15, 4))])
         y = np.r_[np.zeros(150), np.ones(15)]
         np.savez(tmp_path / f"{i}_{name}.npz", X=X, y=y)
+    np.savez(tmp_path / "MVTec-AD_bottle.npz", X=X, y=y)  # not ADBench's NN_name form
+    files = datasets.adbench(tmp_path)
+    assert list(files) == ["alpha", "beta", "MVTec-AD_bottle"]
     log = ResultLog(tmp_path / "out" / "r.csv")
-    tabular_suite(tmp_path, names=None, seeds=[0], methods=["lof", "triangle"], log=log,
-                  options=MethodOptions(detector_params=TINY), verbose=False)
+    tabular_suite(files, datasets.load_adbench_file, seeds=[0], methods=["lof", "triangle"],
+                  log=log, options=MethodOptions(detector_params=TINY), verbose=False,
+                  model_dir=tmp_path / "models")
     frame = pd.read_csv(tmp_path / "out" / "r.csv")
-    assert set(frame.dataset) == {"alpha", "beta"}
+    assert set(frame.dataset) == {"alpha", "beta", "MVTec-AD_bottle"}
     assert frame.loc[frame.method == "lof", "auroc"].min() > 0.9
-    with pytest.raises(ValueError, match="no ADBench file"):
-        tabular_suite(tmp_path, names=["gamma"], seeds=[0], methods=["lof"], log=log)
+    # the triangle of the first seed is saved per data set, and scores as it did in the run
+    saved = LatentEBMDetector.load(tmp_path / "models" / "beta")
+    split = protocols.tabular(*datasets.load_adbench_file(files["beta"]), 0)
+    logged = frame.query("dataset == 'beta' and method == 'triangle'").auroc.item()
+    assert detection_metrics(split.y_test, -saved.score_samples(split.X_test))["auroc"] \
+        == pytest.approx(logged)
+
+
+def test_semi_supervised_split_drops_training_anomalies_only():
+    rng = np.random.RandomState(0)
+    X, y = rng.normal(size=(200, 3)), np.r_[np.zeros(180), np.ones(20)].astype(int)
+    unsupervised = protocols.tabular(X, y, 1)
+    semi = protocols.tabular(X, y, 1, semi_supervised=True)
+    np.testing.assert_array_equal(semi.X_test, unsupervised.X_test)
+    assert len(unsupervised.X_train) == 140 and len(semi.X_train) == 140 - 14
+    anomalies = {tuple(row) for row in X[y == 1]}
+    assert not any(tuple(row) in anomalies for row in semi.X_train)
 
 
 def test_reconstruction_and_inpainting_suite(tmp_path):

@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -207,3 +208,40 @@ def test_values_beyond_float32_are_outliers_on_every_path(exported, value):
         assert scores[1] < min(scores[0], scores[2]) - 1e6
         assert model.predict(X)[1] == -1
     np.testing.assert_array_equal(runtime.predict(X), det.predict(X))
+
+
+def test_column_names_are_checked_on_every_path(tmp_path, capsys):
+    names = ["temp", "pressure", "flow", "speed", "load", "vibration"]
+    frame = pd.DataFrame(TABULAR, columns=names)
+    det = LatentEBMDetector(**TINY, random_state=0).fit(frame)
+    path = det.to_onnx(tmp_path / "named.onnx")
+    runtime = OnnxDetector(path)
+    assert list(runtime.feature_names_in_) == names
+    fresh = pd.DataFrame(_fresh("tabular", 10), columns=names)
+    np.testing.assert_allclose(runtime.score_samples(fresh), det.score_samples(fresh),
+                               rtol=1e-5)
+    reordered = fresh[names[::-1]]
+    renamed = fresh.rename(columns={"flow": "Flow"})
+    for bad, detail in ((reordered, "another order"), (renamed, "unseen at fit time: ['Flow']")):
+        with pytest.raises(ValueError, match="feature names should match"):
+            det.score_samples(bad)
+        with pytest.raises(ValueError, match=re.escape(detail)):
+            runtime.score_samples(bad)
+        bad.to_csv(tmp_path / "bad.csv", index=False)
+        for model in (path, det.save(tmp_path / "saved")):
+            code = cli.main(["score", str(model), str(tmp_path / "bad.csv"),
+                             "--out", str(tmp_path / "s.csv")])
+            error = capsys.readouterr().err
+            assert code == 2 and "feature names should match" in error
+            assert error.count("\n") == 1  # one line, no traceback
+
+
+def test_score_cli_reads_every_row_of_a_csv_without_header(exported, tmp_path, capsys):
+    det, path = exported["tabular"]
+    X = _fresh("tabular", 20)
+    pd.DataFrame(X).to_csv(tmp_path / "raw.csv", index=False, header=False)
+    assert cli.main(["score", str(path), str(tmp_path / "raw.csv"),
+                     "--out", str(tmp_path / "s.csv")]) == 0
+    assert "scored 20 rows" in capsys.readouterr().out
+    np.testing.assert_allclose(pd.read_csv(tmp_path / "s.csv").score_samples,
+                               det.score_samples(X), rtol=1e-5)
