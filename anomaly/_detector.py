@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -35,6 +36,23 @@ def resolve_device(device: str) -> torch.device:
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device!r} was asked for, but CUDA is not available")
     return resolved
+
+
+def _column_std(X: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """Standard deviation per column, finite even where squares overflow float64 (|x| above
+    about 1e154), with a warning: one such value makes the rest of its column look constant."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        std = X.std(axis=0)
+    huge = ~np.isfinite(std)
+    if huge.any():
+        centered = X[:, huge] - mean[huge]
+        peak = np.abs(centered).max(axis=0)
+        std[huge] = peak * np.sqrt(np.mean((centered / peak) ** 2, axis=0))
+        warnings.warn(f"columns {np.flatnonzero(huge).tolist()} hold values up to "
+                      f"{float(peak.max()):.3g} from their mean, so large that the other "
+                      "values of these columns standardise to about 0; check them for unit "
+                      "errors or sentinel values", UserWarning, stacklevel=4)
+    return std
 
 
 class LatentEBMDetector(OutlierMixin, BaseEstimator):
@@ -219,7 +237,8 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         for name in ("width", "energy_width"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, numbers.Integral) or value < 1):
+            if value is not None and (not isinstance(value, numbers.Integral)
+                                      or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{name} must be None or a positive int, got {value!r}")
         if self.max_training_seconds is not None and not (
                 isinstance(self.max_training_seconds, numbers.Real)
@@ -228,8 +247,9 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
                              f"got {self.max_training_seconds!r}")
         for name in ("learning_rate", "ebm_learning_rate", "decoder_sigma", "energy_scale"):
             value = getattr(self, name)
-            if not isinstance(value, numbers.Real) or not value > 0:
-                raise ValueError(f"{name} must be a positive float, got {value!r}")
+            if (not isinstance(value, numbers.Real) or isinstance(value, bool)
+                    or not 0 < value < np.inf):
+                raise ValueError(f"{name} must be a positive finite float, got {value!r}")
         if not (isinstance(self.lr_decay, numbers.Real) and 0 < self.lr_decay <= 1):
             raise ValueError(f"lr_decay must be in (0, 1], got {self.lr_decay!r}")
 
@@ -275,12 +295,28 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
         -------
         self : LatentEBMDetector
         """
+        fitted_state = {k: v for k, v in vars(self).items()
+                        if k.endswith("_") or k.startswith("_")}
+        try:
+            return self._fit(X, callbacks)
+        except BaseException:
+            # A failed (re)fit leaves the estimator as it was: the previous model, or unfitted.
+            for name in [k for k in vars(self) if k.endswith("_") or k.startswith("_")]:
+                delattr(self, name)
+            vars(self).update(fitted_state)
+            raise
+
+    def _fit(self, X, callbacks: Sequence[EpochCallback]):
         self._check_params()
         device = resolve_device(self.device)
         train_config = self._train_config()
         X, sample_shape = validate_samples(self, X, reset=True)
         if self.image_shape is not None:
             input_shape = image_shape_tuple(self.image_shape)
+            if sample_shape is not None and (1, *sample_shape)[-3:] != input_shape:
+                raise ValueError(f"image_shape {tuple(self.image_shape)} does not match the "
+                                 f"images in X, of shape {sample_shape}; leave image_shape "
+                                 "unset for image input, or pass flat rows")
             if int(np.prod(input_shape)) != X.shape[1]:
                 raise ValueError(f"image_shape {tuple(self.image_shape)} holds "
                                  f"{int(np.prod(input_shape))} values, but X has {X.shape[1]} "
@@ -301,7 +337,7 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
             scale = np.full(X.shape[1], max((high - low) / 2, 1e-12))
         else:
             shift = X.mean(axis=0)
-            std = X.std(axis=0)
+            std = _column_std(X, shift)
             scale = np.where(std > 1e-12 * np.maximum(1.0, np.abs(shift)), std, 1.0)
         self.training_mean_ = X.mean(axis=0)
 
@@ -398,6 +434,17 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
             out = self.scorer_.postprocess(self.scorer_.generator(mu)).numpy()
         return self._as_output(out, sample_shape)
 
+    def _check_langevin(self, langevin_steps, step_size) -> None:
+        if (not isinstance(langevin_steps, numbers.Integral) or isinstance(langevin_steps, bool)
+                or langevin_steps < 0):
+            raise ValueError(f"langevin_steps must be a non-negative int, got "
+                             f"{langevin_steps!r}")
+        if (not isinstance(step_size, numbers.Real) or isinstance(step_size, bool)
+                or not 0 < step_size < np.inf):
+            raise ValueError(f"step_size must be a positive finite float, got {step_size!r}")
+        if langevin_steps and self.scorer_.energy is None:
+            raise ValueError("Langevin refinement needs the energy of objective='triangle'")
+
     def _langevin(self, z: torch.Tensor, potential, steps: int, step_size: float,
                   generator: torch.Generator) -> torch.Tensor:
         """Short-run Langevin dynamics z <- z - s^2/2 grad U(z) + s eps."""
@@ -420,8 +467,7 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
         check_is_fitted(self)
         if not isinstance(n_samples, numbers.Integral) or n_samples < 1:
             raise ValueError(f"n_samples must be a positive int, got {n_samples!r}")
-        if langevin_steps and self.scorer_.energy is None:
-            raise ValueError("Langevin refinement needs the energy of objective='triangle'")
+        self._check_langevin(langevin_steps, step_size)
         generator = torch.Generator().manual_seed(
             int(check_random_state(random_state).randint(np.iinfo(np.int32).max)))
         decoder, energy = self.scorer_.generator, self.scorer_.energy
@@ -460,10 +506,13 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
             raise TypeError(f"mask must be a boolean array, got dtype {mask_arr.dtype}")
         if mask_arr.shape != X_arr.shape:
             raise ValueError(f"mask has shape {mask_arr.shape}, but X has shape {X_arr.shape}")
-        if not isinstance(n_iter, numbers.Integral) or n_iter < 1:
+        if not isinstance(n_iter, numbers.Integral) or isinstance(n_iter, bool) or n_iter < 1:
             raise ValueError(f"n_iter must be a positive int, got {n_iter!r}")
-        if langevin_steps and self.scorer_.energy is None:
-            raise ValueError("Langevin refinement needs the energy of objective='triangle'")
+        self._check_langevin(langevin_steps, step_size)
+        if X_arr.ndim < 2 or int(np.prod(X_arr.shape[1:])) != self.n_features_in_:
+            raise ValueError(f"X has shape {X_arr.shape}, but the detector inpaints samples "
+                             f"of {self.n_features_in_} values (shape "
+                             f"{tuple(self._sample_shape)}), in a batch: (n, ...)")
         start = np.where(mask_arr, self.training_mean_.reshape(X_arr.shape[1:]), X_arr)
         rows, sample_shape = validate_samples(self, start, reset=False)
         missing = torch.from_numpy(mask_arr.reshape(rows.shape))

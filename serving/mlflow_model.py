@@ -87,8 +87,11 @@ def log_model(detector, name: str, registered_model_name: str | None = None,
     -------
     ModelInfo
     """
+    from sklearn.utils.validation import check_is_fitted
+
     from serving.export import export_onnx
 
+    check_is_fitted(detector)
     columns = feature_columns(detector)
     if input_example is None:
         input_example = detector.training_mean_.reshape(1, -1)

@@ -213,6 +213,67 @@ def test_bad_training_input(bad, error, message):
         LatentEBMDetector(**TINY).fit(bad)
 
 
+def test_image_shape_must_match_image_input(images):
+    with pytest.raises(ValueError, match=r"image_shape \(4, 16\) does not match.*\(8, 8\)"):
+        LatentEBMDetector(**TINY, image_shape=(4, 16)).fit(images)
+    # the same shape, written either way, is accepted
+    for shape in ((8, 8), (1, 8, 8)):
+        assert LatentEBMDetector(**TINY, image_shape=shape).fit(images).input_shape_ == (1, 8, 8)
+
+
+def test_a_huge_training_value_gives_a_finite_scale_and_a_warning(tabular):
+    X = tabular.copy()
+    X[0, 2] = 1e300
+    with pytest.warns(UserWarning, match=r"columns \[2\] hold values up to [0-9.]+e\+299 from their mean"):
+        det = _fit(X)
+    scale = det.scorer_.scale.numpy()
+    assert np.isfinite(scale).all() and scale[2] > 1e298
+    np.testing.assert_allclose(scale[[0, 1, 3, 4]], X[:, [0, 1, 3, 4]].std(axis=0))
+    assert np.isfinite(det.score_samples(X[1:])).all()
+
+
+def test_a_failed_refit_leaves_the_previous_model_intact(tabular, tmp_path, monkeypatch):
+    import anomaly._detector as detector_module
+    from training.loop import TrainingDivergedError
+
+    det = _fit(tabular)
+    before = det.score_samples(tabular)
+    state = dict(vars(det))
+
+    def diverge(*args, **kwargs):
+        raise TrainingDivergedError("diverged")
+
+    monkeypatch.setattr(detector_module, "train_networks", diverge)
+    wider = np.hstack([tabular, tabular])
+    with pytest.raises(TrainingDivergedError):
+        det.fit(pd.DataFrame(wider, columns=[f"c{i}" for i in range(10)]))
+    assert vars(det).keys() == state.keys()
+    assert all(vars(det)[k] is v for k, v in state.items())
+    np.testing.assert_array_equal(det.score_samples(tabular), before)  # its old width
+    loaded = LatentEBMDetector.load(det.save(tmp_path / "m"))
+    np.testing.assert_allclose(loaded.score_samples(tabular), before)
+    fresh = LatentEBMDetector(**TINY)
+    with pytest.raises(TrainingDivergedError):
+        fresh.fit(tabular)
+    assert not [k for k in vars(fresh) if k.endswith("_")]  # still unfitted
+
+
+def test_sample_and_inpaint_validate_their_arguments(tabular):
+    det = _fit(tabular)
+    for kwargs, message in (({"step_size": np.nan}, "step_size"),
+                            ({"step_size": -1.0}, "step_size"),
+                            ({"langevin_steps": -5}, "langevin_steps"),
+                            ({"langevin_steps": 1.5}, "langevin_steps")):
+        with pytest.raises(ValueError, match=message):
+            det.sample(2, **kwargs)
+        with pytest.raises(ValueError, match=message):
+            det.inpaint(tabular[:2], np.zeros((2, 5), dtype=bool), **kwargs)
+    with pytest.raises(ValueError, match=r"X has shape \(5,\).*5 values"):
+        det.inpaint(tabular[0], np.zeros(5, dtype=bool))
+    with pytest.raises(ValueError, match=r"X has shape \(2, 4\)"):
+        det.inpaint(tabular[:2, :4], np.zeros((2, 4), dtype=bool))
+
+
 def test_bad_scoring_input(tabular, images):
     det = _fit(tabular)
     with pytest.raises(ValueError, match="X has 3 features, but LatentEBMDetector is expecting 5"):
@@ -235,6 +296,11 @@ def test_bad_scoring_input(tabular, images):
     ({"image_shape": (8, 8), "depth": 4}, "divisible"),
     ({"device": "tpu"}, "device"),
     ({"critic_negatives": ("generator", "bogus")}, "critic_negatives"),
+    ({"decoder_sigma": np.inf}, "decoder_sigma must be a positive finite"),
+    ({"learning_rate": np.inf}, "learning_rate must be a positive finite"),
+    ({"energy_scale": np.nan}, "energy_scale must be a positive finite"),
+    ({"width": True}, "width must be None or a positive int"),
+    ({"energy_width": False}, "energy_width must be None or a positive int"),
 ])
 def test_bad_parameters(images, params, message):
     X = images.reshape(len(images), -1)

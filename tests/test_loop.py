@@ -57,6 +57,26 @@ def test_nan_rolls_back_to_last_good_state(monkeypatch):
     assert all(torch.isfinite(p).all() for m in nets.modules() for p in m.parameters())
 
 
+def test_each_rollback_halves_the_rate_in_force(monkeypatch):
+    real_step = loop_module.triangle_step
+    calls = {"n": 0}
+    rates = []
+
+    def flaky(networks, optimizers, x, config, generator=None):
+        calls["n"] += 1
+        rates.append(optimizers.encoder.param_groups[0]["lr"])
+        metrics = real_step(networks, optimizers, x, config, generator)
+        if calls["n"] in (2, 3):  # the first two tries of the second epoch diverge
+            metrics["reconstruction"] = torch.tensor(float("nan"))
+        return metrics
+
+    monkeypatch.setattr(loop_module, "triangle_step", flaky)
+    config = TrainConfig(epochs=2, batch_size=16, lr_decay=1.0, max_rollbacks=3)
+    history = train_networks(_nets(), torch.randn(16, 4), config)
+    assert history.rollbacks == 2
+    assert rates == pytest.approx([config.lr, config.lr, config.lr / 2, config.lr / 4])
+
+
 def test_persistent_nan_raises(monkeypatch):
     def broken(networks, optimizers, x, config, generator=None):
         return {"reconstruction": torch.tensor(float("nan"))}

@@ -38,6 +38,13 @@ def test_nothing_is_logged_unless_asked(tracking, detector):
     assert mlflow.search_runs(output_format="list") == []
 
 
+def test_logging_an_unfitted_detector_says_so(tracking):
+    from sklearn.exceptions import NotFittedError
+
+    with mlflow.start_run(), pytest.raises(NotFittedError, match="not fitted"):
+        log_model(LatentEBMDetector(**TINY), "model")
+
+
 def test_fit_logged_records_params_metrics_and_model(tracking):
     det, info = fit_logged(LatentEBMDetector(**TINY, random_state=0), X, run_name="r")
     run = mlflow.get_run(info.run_id)

@@ -61,10 +61,13 @@ class Optimizers:
     def all(self) -> list[torch.optim.Adam]:
         return [o for o in (self.encoder, self.generator, self.energy) if o is not None]
 
-    def scale_lr(self, factor: float) -> None:
-        for optimizer in self.all():
-            for group in optimizer.param_groups:
-                group["lr"] *= factor
+    def learning_rates(self) -> list[float]:
+        return [group["lr"] for optimizer in self.all() for group in optimizer.param_groups]
+
+    def set_learning_rates(self, rates: list[float]) -> None:
+        groups = [group for optimizer in self.all() for group in optimizer.param_groups]
+        for group, rate in zip(groups, rates, strict=True):
+            group["lr"] = rate
 
 
 def _clip(module: nn.Module, max_norm: float | None) -> None:
@@ -375,8 +378,11 @@ def _train_epochs(networks, optimizers, schedulers, step, data, config, generato
                 )
             logger.warning("non-finite loss at epoch %d: rolling back, halving learning rates",
                            epoch + 1)
+            # The restored state holds the last good epoch's rates; halving the rates in force
+            # instead lets repeated rollbacks go on lowering them (lr/2, lr/4, ...).
+            rates = optimizers.learning_rates()
             _restore(good, networks, optimizers, schedulers)
-            optimizers.scale_lr(0.5)
+            optimizers.set_learning_rates([0.5 * rate for rate in rates])
             continue
         for scheduler in schedulers:
             scheduler.step()
