@@ -1,25 +1,40 @@
-"""Save and load a fitted detector as JSON + safetensors; nothing executes code on load."""
+"""Save and load a fitted detector as JSON + safetensors; nothing executes code on load.
+
+Format 3 (written now): ``detector.json`` holds the estimator's parameters, the fitted
+attributes, the resolved network configuration (every field that shapes a tensor, so a model
+loads whatever the defaults of a later version) and a sha256 over its own content; the
+weights live in ``weights-<hash>.safetensors``, named by their sha256. A save writes the new
+weights under a new name, then replaces the JSON in one atomic rename, then deletes the old
+weights: a save killed at any point leaves the old model or the new one, loadable. Files
+left by a killed save (a ``*.tmp``, unreferenced weights) are removed by the next save.
+Format 2 (read only): fixed ``weights.safetensors``, networks rebuilt from the parameters.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import numbers
+import os
 from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 import sklearn
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save
 
-from training import AnomalyScorer, build_networks
+from training import AnomalyScorer, NetworkConfig, build_networks
 from training.scorer import FLOAT64_BUFFERS
 
 # 2: the scorer keeps a bank of training codes and the fused rule's calibration.
-FORMAT_VERSION = 2
+# 3: self-describing networks, a checksum over the whole JSON, content-named weights.
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (2, 3)
 CONFIG_NAME = "detector.json"
-WEIGHTS_NAME = "weights.safetensors"
+LEGACY_WEIGHTS_NAME = "weights.safetensors"
+WEIGHTS_PATTERN = "weights*.safetensors"
+TEMP_SUFFIX = ".tmp"
 
 
 def package_version() -> str:
@@ -29,8 +44,58 @@ def package_version() -> str:
         return "unknown"
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _config_sha256(config: dict) -> str:
+    """sha256 of the JSON content other than the checksum itself, in a canonical form."""
+    body = {k: v for k, v in config.items() if k != "sha256"}
+    return _sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a reader sees the old file or the whole new one."""
+    temp = path.with_name(path.name + TEMP_SUFFIX)
+    with open(temp, "wb") as file:
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temp, path)
+
+
+def _sync_directory(directory: Path) -> None:
+    """Make the renames in ``directory`` durable (a no-op where directories cannot be
+    opened, as on Windows)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _referenced_weights(directory: Path) -> str | None:
+    try:
+        config = json.loads((directory / CONFIG_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    if config.get("format_version") == 2:
+        return LEGACY_WEIGHTS_NAME
+    name = config.get("weights_file")
+    return name if isinstance(name, str) else None
+
+
+def _remove_litter(directory: Path) -> None:
+    """Delete what an interrupted save left: temp files, and weights files that the JSON
+    does not name. Only this module's own file names are touched."""
+    keep = _referenced_weights(directory)
+    for path in [*directory.glob("*" + TEMP_SUFFIX), *directory.glob(WEIGHTS_PATTERN)]:
+        if path.name != keep and (path.name.endswith(TEMP_SUFFIX)
+                                  or path.name.endswith(".safetensors")):
+            path.unlink(missing_ok=True)
 
 
 def _json_param(value):
@@ -52,18 +117,24 @@ def save_detector(detector, path: str | Path) -> Path:
     check_is_fitted(detector)
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
+    _remove_litter(directory)
     # Network weights were trained in float32, so storing them as float32 is lossless; the
     # preprocessing constants and the score's calibration (codes and statistics computed by
     # the float64 scorer) keep their precision.
     weights = {k: (v if k in FLOAT64_BUFFERS else v.to(torch.float32)).contiguous()
                for k, v in detector.scorer_.state_dict().items()}
     weights["training_mean"] = torch.from_numpy(np.ascontiguousarray(detector.training_mean_))
-    weights_path = directory / WEIGHTS_NAME
-    save_file(weights, str(weights_path))
+    data = save(weights)
+    weights_sha256 = _sha256(data)
+    weights_name = f"weights-{weights_sha256[:16]}.safetensors"
+    _write_atomically(directory / weights_name, data)
+    network = detector._network_config(detector.input_shape_).to_dict()
+    network["spectral_norm"] = False  # the fitted weights are stored normalised
     config = {
         "format_version": FORMAT_VERSION,
         "class": type(detector).__name__,
         "params": {k: _json_param(v) for k, v in detector.get_params().items()},
+        "network": network,
         "fitted": {
             "input_shape": list(detector.input_shape_),
             "sample_shape": list(detector._sample_shape),
@@ -72,50 +143,81 @@ def save_detector(detector, path: str | Path) -> Path:
                                  else [str(n) for n in detector.feature_names_in_]),
             "offset": float(detector.offset_),
             "score_rule": detector.score_rule_,
+            "decoder_sigma": float(detector.scorer_.decoder_sigma),
             "n_rollbacks": int(detector.n_rollbacks_),
             "training_history": detector.training_history_,
         },
         "versions": {"package": package_version(), "torch": torch.__version__,
                      "sklearn": sklearn.__version__},
-        "weights_sha256": _sha256(weights_path),
+        "weights_file": weights_name,
+        "weights_sha256": weights_sha256,
     }
-    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+    config["sha256"] = _config_sha256(config)
+    _write_atomically(directory / CONFIG_NAME, json.dumps(config, indent=2).encode())
+    _sync_directory(directory)
+    _remove_litter(directory)  # the previous weights
     return directory
+
+
+def _read_config(directory: Path) -> dict:
+    config_path = directory / CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{directory} holds no saved detector (no {CONFIG_NAME})")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{config_path} is not valid JSON: {err}") from err
+    if not isinstance(config, dict) or config.get("format_version") not in READABLE_VERSIONS:
+        version = config.get("format_version") if isinstance(config, dict) else None
+        raise ValueError(f"{config_path} has format version {version!r}; this package reads "
+                         f"versions {READABLE_VERSIONS}")
+    if config["format_version"] >= 3 and config.get("sha256") != _config_sha256(config):
+        raise ValueError(f"{config_path} does not match its own checksum: the file was "
+                         "modified after saving (configuration, fitted values or threshold)")
+    return config
+
+
+def _read_weights(directory: Path, config: dict) -> dict[str, torch.Tensor]:
+    name = config.get("weights_file", LEGACY_WEIGHTS_NAME)
+    weights_path = directory / str(name)
+    if Path(str(name)).name != name or not weights_path.is_file():
+        raise FileNotFoundError(f"{directory} holds no weights file {name!r}")
+    data = weights_path.read_bytes()
+    if _sha256(data) != config.get("weights_sha256"):
+        raise ValueError(f"{weights_path} does not match the checksum in {CONFIG_NAME}: the "
+                         "file is corrupted or was modified")
+    return load(data)
 
 
 def load_detector(cls, path: str | Path):
     directory = Path(path)
-    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-    if not config_path.is_file() or not weights_path.is_file():
-        raise FileNotFoundError(f"{directory} holds no saved detector (expected {CONFIG_NAME} "
-                                f"and {WEIGHTS_NAME})")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{config_path} is not valid JSON: {err}") from err
-    if config.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{config_path} has format version {config.get('format_version')!r}; "
-                         f"this package reads version {FORMAT_VERSION}")
-    if _sha256(weights_path) != config.get("weights_sha256"):
-        raise ValueError(f"{weights_path} does not match the checksum in {config_path}: the "
-                         "file is corrupted or was modified")
-    weights = load_file(str(weights_path))
+    config = _read_config(directory)
+    weights = _read_weights(directory, config)
     fitted = config["fitted"]
     detector = cls(**{k: tuple(v) if isinstance(v, list) else v
                       for k, v in config["params"].items()})
     input_shape = tuple(fitted["input_shape"])
-    network_config = detector._network_config(input_shape)
-    network_config = type(network_config)(**{**network_config.to_dict(),
-                                             "input_shape": input_shape,
-                                             "spectral_norm": False})
+    if "network" in config:
+        network_config = NetworkConfig.from_dict(config["network"])
+        decoder_sigma = fitted["decoder_sigma"]
+    else:  # format 2: the networks as today's code builds them from the parameters
+        network_config = detector._network_config(input_shape)
+        network_config = NetworkConfig.from_dict({**network_config.to_dict(),
+                                                  "input_shape": input_shape,
+                                                  "spectral_norm": False})
+        decoder_sigma = detector.decoder_sigma
     networks = build_networks(network_config, with_energy=detector.objective == "triangle")
     training_mean = weights.pop("training_mean").numpy()
     scorer = AnomalyScorer(networks, weights["shift"], weights["scale"], input_shape,
-                           fitted["score_rule"], detector.decoder_sigma,
+                           fitted["score_rule"], decoder_sigma,
                            code_bank=weights["code_bank"],
                            fusion_center=weights["fusion_center"],
                            fusion_spread=weights["fusion_spread"]).to(torch.float64)
-    scorer.load_state_dict(weights, strict=True)
+    try:
+        scorer.load_state_dict(weights, strict=True)
+    except RuntimeError as err:  # tensors of other shapes than the configuration says
+        raise ValueError(f"{directory}: the weights do not fit the saved network "
+                         f"configuration: {err}") from None
     detector.scorer_ = scorer.eval()
     detector.input_shape_ = input_shape
     detector._sample_shape = tuple(fitted["sample_shape"])

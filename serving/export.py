@@ -144,6 +144,8 @@ def export_onnx(detector, path: str | Path, graph: str = "scorer",
     if hasattr(detector, "feature_names_in_"):
         # the runtime then refuses a DataFrame whose columns differ, as the estimator does
         props["feature_names"] = json.dumps([str(n) for n in detector.feature_names_in_])
+    props["sha256"] = metadata.model_sha256(
+        model.graph.SerializeToString(deterministic=True), props)
     onnx.helper.set_model_props(model, {metadata.PREFIX + k: v for k, v in props.items()})
     onnx.save_model(model, str(path), save_as_external_data=False)
     onnx.checker.check_model(str(path), full_check=True)

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import hashlib
 
-FORMAT_VERSION = "1"
+# 2: a checksum (key "sha256") over the whole graph and the metadata, not only the weights.
+FORMAT_VERSION = "2"
+READABLE_VERSIONS = ("1", "2")
 PREFIX = "divtri."
 KEYS = ("format_version", "package_version", "graph", "n_features", "input_shape",
         "sample_shape", "score_rule", "offset", "contamination", "weights_sha256")
@@ -24,4 +26,18 @@ def weights_sha256(initializers) -> str:
         digest.update(name.encode())
         digest.update(len(raw).to_bytes(8, "little"))
         digest.update(raw)
+    return digest.hexdigest()
+
+
+def model_sha256(graph_bytes: bytes, props: dict[str, str]) -> str:
+    """sha256 over the serialised graph (nodes, their attributes, initializers, inputs and
+    outputs) and every metadata entry but the checksum itself.
+
+    ``graph_bytes`` is ``model.graph.SerializeToString(deterministic=True)``: the exporter
+    and the runtime serialise the same message the same way.
+    """
+    digest = hashlib.sha256(graph_bytes)
+    for key, value in sorted(props.items()):
+        if key != "sha256":
+            digest.update(f"{len(key)}:{key}={len(value)}:{value};".encode())
     return digest.hexdigest()

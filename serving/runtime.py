@@ -53,9 +53,9 @@ def _verified_metadata(raw: bytes, source: str) -> dict[str, str]:
     if missing:
         raise ValueError(f"{source} was not exported by this package (metadata {missing} "
                          "missing); export it with `divtri export` or detector.to_onnx()")
-    if props["format_version"] != metadata.FORMAT_VERSION:
+    if props["format_version"] not in metadata.READABLE_VERSIONS:
         raise ValueError(f"{source} has format version {props['format_version']}; this "
-                         f"runtime reads version {metadata.FORMAT_VERSION}")
+                         f"runtime reads versions {metadata.READABLE_VERSIONS}")
     if props["graph"] != "scorer":
         raise ValueError(f"{source} holds the {props['graph']!r} graph; OnnxDetector needs "
                          "the fused 'scorer' graph")
@@ -64,6 +64,11 @@ def _verified_metadata(raw: bytes, source: str) -> dict[str, str]:
     if digest != props["weights_sha256"]:
         raise ValueError(f"{source}: the weights do not match the checksum in its metadata; "
                          "the file was modified after export")
+    # Format 1 covered the weights only; format 2 covers every node and metadata entry.
+    if props["format_version"] != "1" and props.get("sha256") != metadata.model_sha256(
+            model.graph.SerializeToString(deterministic=True), props):
+        raise ValueError(f"{source}: the graph or its metadata do not match the checksum in "
+                         "its metadata; the file was modified after export")
     return props
 
 

@@ -96,6 +96,32 @@ def test_truncated_and_tampered_files_are_refused(exported, tmp_path):
         OnnxDetector(tampered)
 
 
+def _edited(path, tmp_path, edit):
+    model = onnx.load(str(path))
+    edit(model)
+    out = tmp_path / "edited.onnx"
+    onnx.save(model, str(out))
+    return out
+
+
+def test_edited_node_attributes_and_metadata_are_refused(exported, tmp_path):
+    _, path = exported["tabular"]
+
+    def slope(model):
+        node = next(n for n in model.graph.node if n.op_type == "LeakyRelu")
+        next(a for a in node.attribute if a.name == "alpha").f = 0.5
+
+    def offset(model):
+        entry = next(p for p in model.metadata_props if p.key == "divtri.offset")
+        entry.value = "-1e9"
+
+    for edit in (slope, offset):
+        with pytest.raises(ValueError, match="graph or its metadata do not match"):
+            OnnxDetector(_edited(path, tmp_path, edit))
+    # an untouched copy, saved again by onnx, still loads
+    assert OnnxDetector(_edited(path, tmp_path, lambda model: None)).n_features_in_ == 6
+
+
 def test_runtime_validates_inputs(exported):
     runtime = OnnxDetector(exported["tabular"][1])
     with pytest.raises(ValueError, match="X has 3 features, but OnnxDetector is expecting 6"):
