@@ -57,7 +57,16 @@ class OnnxScorerModel(mlflow.pyfunc.PythonModel):
         return self._detector
 
     def predict(self, context, model_input, params=None) -> pd.DataFrame:
-        return pd.DataFrame(self._runtime().score_all(model_input))
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+        try:
+            return pd.DataFrame(self._runtime().score_all(model_input))
+        except (ValueError, TypeError) as err:
+            # The input is at fault (NaN, no rows, wrong width or columns): the REST server
+            # answers 400 with this reason instead of a generic message and a stack trace.
+            raise MlflowException(f"invalid input: {err}",
+                                  error_code=INVALID_PARAMETER_VALUE) from None
 
 
 def feature_columns(detector) -> list[str]:

@@ -93,6 +93,9 @@ def validate_rows(X, n_features: int, sample_shapes: tuple[tuple[int, ...], ...]
                   owner: str = "OnnxDetector",
                   feature_names: tuple[str, ...] | None = None) -> np.ndarray:
     """``X`` as float64 rows ``(n, n_features)``, with the estimator's clear errors."""
+    if type(X).__module__.startswith("scipy.sparse"):
+        raise TypeError("Sparse data was passed for X, but dense data is required. Use "
+                        "'.toarray()' to convert to a dense numpy array.")
     if hasattr(X, "columns") and hasattr(X, "to_numpy"):
         check_feature_names(X.columns, feature_names, owner)
     if hasattr(X, "to_numpy"):

@@ -1,3 +1,4 @@
+import json
 import sys
 
 import mlflow
@@ -102,6 +103,13 @@ def test_rest_serving_end_to_end(tracking, detector):
         wrong_width = {"dataframe_split": {"columns": ["x0"], "data": [[1.0]]}}
         assert 400 <= requests.post(f"{base}/invocations", json=wrong_width,
                                     timeout=30).status_code < 500
+        for data, reason in (([[np.nan, 0.0, 0.0, 0.0]], "NaN"), ([], "0 sample")):
+            body = json.dumps({"dataframe_split": {"columns": [f"x{i}" for i in range(4)],
+                                                   "data": data}})  # NaN as JSON's NaN
+            answer = requests.post(f"{base}/invocations", data=body, timeout=30,
+                                   headers={"Content-Type": "application/json"})
+            assert answer.status_code == 400 and reason in answer.json()["message"], answer.text
+            assert "Traceback" not in answer.text
         assert requests.get(f"{base}/ping", timeout=5).status_code == 200
         again = requests.post(f"{base}/invocations", json=payload, timeout=30)
         assert again.status_code == 200

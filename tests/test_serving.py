@@ -134,6 +134,13 @@ def test_runtime_validates_inputs(exported):
         runtime.score_samples(np.zeros(6))
     with pytest.raises(ValueError, match="0 sample"):
         runtime.score_samples(np.zeros((0, 6)))
+    from scipy import sparse
+
+    for bad in (sparse.csr_matrix(np.ones((2, 6))), sparse.coo_array(np.ones((2, 6)))):
+        with pytest.raises(TypeError, match="Sparse data was passed"):
+            runtime.score_samples(bad)
+        with pytest.raises(TypeError, match="Sparse data was passed"):
+            exported["tabular"][0].score_samples(bad)  # the estimator's message
     image_runtime = OnnxDetector(exported["image"][1])
     with pytest.raises(ValueError, match=r"shape \(6, 6\)"):
         image_runtime.score_samples(np.zeros((2, 6, 6)))
