@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import numbers
 import warnings
 from collections.abc import Sequence
@@ -23,6 +24,7 @@ from training import (
     build_networks,
     train_networks,
 )
+from training.checkpoint import Checkpointer
 from training.loop import EpochCallback
 
 
@@ -253,6 +255,15 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
         if not (isinstance(self.lr_decay, numbers.Real) and 0 < self.lr_decay <= 1):
             raise ValueError(f"lr_decay must be in (0, 1], got {self.lr_decay!r}")
 
+    def _fingerprint(self, data: torch.Tensor) -> str:
+        """sha256 of the preprocessed training data and of the parameters that shape
+        training: a checkpoint is only resumed by the fit that wrote it."""
+        digest = hashlib.sha256(data.detach().cpu().contiguous().numpy().tobytes())
+        params = {k: v for k, v in self.get_params().items() if k not in ("verbose", "device")}
+        digest.update(repr(sorted((k, v if isinstance(v, (str, int, float, tuple, type(None)))
+                                   else type(v).__name__) for k, v in params.items())).encode())
+        return digest.hexdigest()
+
     def _resolve_score_rule(self, is_image: bool) -> str:
         """The score rule ``score_rule`` stands for on images or on tabular rows."""
         if self.score_rule != "auto":
@@ -279,7 +290,9 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
                          else float(self.max_training_seconds)),
         )
 
-    def fit(self, X, y=None, *, callbacks: Sequence[EpochCallback] = ()):
+    def fit(self, X, y=None, *, callbacks: Sequence[EpochCallback] = (),
+            checkpoint_dir: str | Path | None = None, resume: bool = False,
+            checkpoint_every: int = 1):
         """Learn the preprocessing and train the networks on ``X``.
 
         Parameters
@@ -290,6 +303,17 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
         callbacks : sequence of callables, optional
             Each is called as ``callback(epoch, metrics)`` after every epoch (for example to
             log to MLflow).
+        checkpoint_dir : path-like, optional
+            Write the whole training state (networks, optimizers, learning rates, random
+            generator, metrics) to ``checkpoint_dir/checkpoint.pt`` every
+            ``checkpoint_every`` epochs, atomically, so that a killed fit can be resumed.
+        resume : bool, default=False
+            Continue from the checkpoint in ``checkpoint_dir`` when there is one (otherwise
+            start afresh, so the same call can simply be rerun after a kill). A resumed fit
+            ends with the same model as an uninterrupted one on the same device. A checkpoint
+            of other data or other parameters is refused.
+        checkpoint_every : int, default=1
+            Epochs between checkpoints.
 
         Returns
         -------
@@ -297,8 +321,15 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
         """
         fitted_state = {k: v for k, v in vars(self).items()
                         if k.endswith("_") or k.startswith("_")}
+        if checkpoint_dir is None and resume:
+            raise ValueError("resume=True needs the checkpoint_dir to resume from")
+        if (not isinstance(checkpoint_every, numbers.Integral)
+                or isinstance(checkpoint_every, bool) or checkpoint_every < 1):
+            raise ValueError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}")
+        checkpoint = (None if checkpoint_dir is None
+                      else (Path(checkpoint_dir), bool(resume), int(checkpoint_every)))
         try:
-            return self._fit(X, callbacks)
+            return self._fit(X, callbacks, checkpoint)
         except BaseException:
             # A failed (re)fit leaves the estimator as it was: the previous model, or unfitted.
             for name in [k for k in vars(self) if k.endswith("_") or k.startswith("_")]:
@@ -306,7 +337,8 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
             vars(self).update(fitted_state)
             raise
 
-    def _fit(self, X, callbacks: Sequence[EpochCallback]):
+    def _fit(self, X, callbacks: Sequence[EpochCallback],
+             checkpoint: tuple[Path, bool, int] | None):
         self._check_params()
         device = resolve_device(self.device)
         train_config = self._train_config()
@@ -349,8 +381,13 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
         data = torch.as_tensor((X - shift) / scale, dtype=torch.float32, device=device)
         data = data.reshape(-1, *input_shape)
         generator = torch.Generator(device=device).manual_seed(seed)
+        checkpointer = None
+        if checkpoint is not None:
+            directory, resume, every = checkpoint
+            checkpointer = Checkpointer(directory, self._fingerprint(data), every, resume)
         history = train_networks(networks, data, train_config, generator=generator,
-                                 callbacks=callbacks, verbose=int(self.verbose))
+                                 callbacks=callbacks, verbose=int(self.verbose),
+                                 checkpointer=checkpointer)
         networks.freeze_spectral_norm()
         networks.to("cpu", torch.float64)
         self.scorer_ = AnomalyScorer(

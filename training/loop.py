@@ -14,6 +14,7 @@ from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
 from training import objectives
+from training.checkpoint import Checkpointer
 from training.config import TrainConfig
 from training.networks import Networks
 
@@ -326,6 +327,7 @@ def train_networks(
     generator: torch.Generator | None = None,
     callbacks: Sequence[EpochCallback] = (),
     verbose: int = 0,
+    checkpointer: Checkpointer | None = None,
 ) -> TrainingHistory:
     """Train ``networks`` in place on preprocessed ``data`` ``(n, ...)`` (already on the device).
 
@@ -334,6 +336,9 @@ def train_networks(
     and retried with half the learning rates. After ``config.max_rollbacks`` such retries
     :class:`TrainingDivergedError` is raised, so a model that scores NaN is never returned.
     ``callbacks`` are called as ``callback(epoch, metrics)`` after every good epoch.
+    With ``checkpointer``, the whole training state is written every ``checkpointer.every``
+    epochs, and a fit asked to resume continues from the last checkpoint: on the same device
+    it then ends with the same networks as a fit that was never interrupted.
     """
     if (config.objective == "triangle") != (networks.energy is not None):
         raise ValueError("the triangle objective needs an energy network; the VAE has none")
@@ -343,9 +348,17 @@ def train_networks(
     schedulers = [torch.optim.lr_scheduler.ExponentialLR(o, config.lr_decay)
                   for o in optimizers.all()]
     history = TrainingHistory()
+    resumed = checkpointer.load() if checkpointer is not None else None
+    if resumed is not None:
+        _restore(_Snapshot(**resumed["snapshot"]), networks, optimizers, schedulers)
+        if generator is not None:
+            generator.set_state(resumed["generator"])
+        history = TrainingHistory(epochs=list(resumed["epochs"]),
+                                  rollbacks=int(resumed["rollbacks"]))
+        logger.info("resuming from %s after epoch %d", checkpointer.path, len(history.epochs))
     try:
         _train_epochs(networks, optimizers, schedulers, step, data, config, generator,
-                      callbacks, verbose, history)
+                      callbacks, verbose, history, checkpointer)
     finally:
         # Fitted models keep the default layout: it is what save, export and scoring expect.
         networks.to_memory_format(torch.contiguous_format)
@@ -354,12 +367,12 @@ def train_networks(
 
 
 def _train_epochs(networks, optimizers, schedulers, step, data, config, generator, callbacks,
-                  verbose, history) -> None:
+                  verbose, history, checkpointer) -> None:
     networks.train()
     good = _snapshot(networks, optimizers, schedulers)
-    progress = tqdm(total=config.epochs, desc=f"training ({config.objective})",
+    epoch = len(history.epochs)  # > 0 when resuming
+    progress = tqdm(total=config.epochs, initial=epoch, desc=f"training ({config.objective})",
                     disable=verbose == 0, leave=False)
-    epoch = 0
     deadline = (None if config.max_seconds is None
                 else time.perf_counter() + config.max_seconds)
     while epoch < config.epochs:
@@ -390,6 +403,12 @@ def _train_epochs(networks, optimizers, schedulers, step, data, config, generato
         metrics["epoch"] = epoch + 1
         history.epochs.append(metrics)
         good = _snapshot(networks, optimizers, schedulers)
+        if checkpointer is not None and ((epoch + 1) % checkpointer.every == 0
+                                         or epoch + 1 == config.epochs):
+            checkpointer.save({"snapshot": vars(good), "epochs": history.epochs,
+                               "rollbacks": history.rollbacks,
+                               "generator": None if generator is None
+                               else generator.get_state()})
         for callback in callbacks:
             callback(epoch + 1, metrics)
         logger.debug("epoch %d: %s", epoch + 1, metrics)
