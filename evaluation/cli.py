@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 SUITES = ("quick", "digits", "mnist", "images", "adbench", "tabular", "reconstruction",
-          "inpainting", "speed", "serving", "rest", "spark")
+          "inpainting", "speed", "serving", "rest", "spark", "robustness")
 IMAGE_DEFAULT_CLASSES = (1, 4, 5, 7, 9)
 DEFAULT_METHODS = ("triangle", "vae_ablation", "isolation_forest", "lof", "ocsvm")
 # On load_digits a plain nearest-neighbour score in pixel space is the strongest peer.
@@ -66,7 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "speed: training throughput, triangle vs VAE, MNIST-sized images; "
                             "serving: CPU scoring, torch vs ONNX Runtime; "
                             "rest: load test of the MLflow REST server on 127.0.0.1; "
-                            "spark: score 500k rows through spark_udf in local mode")
+                            "spark: score 500k rows through spark_udf in local mode; "
+                            "robustness: 40 kinds of bad input against the estimator, ONNX, "
+                            "divtri score, the pyfunc model and the REST server, plus a "
+                            "mixed good/bad REST load")
     bench.add_argument("--data", type=Path, default=None,
                        help="data directory: speed takes the MNIST npz directory, serving "
                             "the shared data root (with mnist/ and adbench/); random data if "
@@ -147,6 +150,7 @@ def _paired_tables(frame) -> dict:
 
 def run_bench(args: argparse.Namespace) -> int:
     import numpy as np
+    import pandas as pd
 
     from evaluation import datasets, speed, suites
     from evaluation.methods import MethodOptions
@@ -184,6 +188,22 @@ def run_bench(args: argparse.Namespace) -> int:
         table = rest_load()
         write_tables({"rest_load": table.set_index("rows_per_request")}, out)
         print(markdown(table.set_index("rows_per_request"), digits=1))
+        return 0
+    if args.suite == "robustness":
+        from evaluation.robustness import robustness_table
+        from evaluation.robustness import summary as outcome_table
+
+        table, load = robustness_table()
+        table.to_csv(out / "robustness.csv", index=False)
+        grid = outcome_table(table)
+        write_tables({"outcomes": grid}, out)
+        print(markdown(grid))
+        counts = table.outcome.value_counts()
+        print("\n" + ", ".join(f"{k}: {v}" for k, v in counts.items()))
+        if load is not None:
+            write_tables({"rest_mixed_load": pd.DataFrame([load])}, out)
+            print("REST, 8 clients, mixed good and bad payloads: " + ", ".join(
+                f"{k} {v}" for k, v in load.items()))
         return 0
     if args.suite == "spark":
         from evaluation.spark_run import spark_run

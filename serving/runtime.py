@@ -75,9 +75,9 @@ def _verified_metadata(raw: bytes, source: str) -> dict[str, str]:
 def check_feature_names(columns, expected: tuple[str, ...] | None, owner: str) -> None:
     """scikit-learn's rule: a table whose column names differ from those seen in ``fit``
     (other names, or the same in another order) is refused, not scored by position."""
-    if expected is None:
-        return
-    names = tuple(str(c) for c in columns)
+    if expected is None or not all(isinstance(c, str) for c in columns):
+        return  # as in scikit-learn, names that are not all strings are no names
+    names = tuple(columns)
     if names == expected:
         return
     unseen = [n for n in names if n not in expected]

@@ -208,4 +208,9 @@ class AnomalyScorer(nn.Module):
             else:
                 joint = recon + objectives.prior_nll(mu)
                 out[rule] = joint if energy is None else joint + energy
-        return out
+        # A preprocessed value beyond float32's range overflows the exported float32 networks
+        # (NaN); the float64 networks here would give a finite, huge score. Both paths give
+        # such a row the most anomalous score there is, so that they agree.
+        beyond = x.flatten(1).abs().amax(1) > torch.finfo(torch.float32).max
+        return {rule: torch.where(beyond, torch.full_like(score, torch.inf), score)
+                for rule, score in out.items()}
