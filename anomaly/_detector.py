@@ -26,6 +26,7 @@ from training import (
 )
 from training.checkpoint import Checkpointer
 from training.loop import EpochCallback
+from training.scorer import CALIBRATION_ROWS
 
 
 def resolve_device(device: str) -> torch.device:
@@ -127,6 +128,16 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
     contamination : "auto" or float in (0, 0.5], default="auto"
         Sets ``offset_``: a float is the expected fraction of outliers in the training data;
         "auto" puts the threshold at Tukey's lower fence (Q1 - 1.5 IQR) of the training scores.
+    alpha : float in (0, 1) or None, default=None
+        Significance level of ``predict`` once the model is calibrated (``calibration`` or
+        :meth:`calibrate`): a sample is flagged when its conformal p-value is at most
+        ``alpha``, so that on normal data like the calibration rows at most a fraction
+        ``alpha`` is flagged (split-conformal guarantee). None, or an uncalibrated model,
+        keeps the ``contamination`` threshold.
+    calibration : float in (0, 1) or None, default=None
+        Fraction of the rows given to ``fit`` held out from training (seeded random choice)
+        to calibrate p-values; they should be normal. None trains on every row; call
+        :meth:`calibrate` with normal rows later to get p-values.
     critic_negatives : sequence of {"mismatch", "wide"}, default=()
         Pairs the critic pushes up besides the generator's (g(z), z): ``"mismatch"`` =
         (x, code of another row), ``"wide"`` = (g(2.5 z), 2.5 z), beyond the prior's bulk.
@@ -144,7 +155,8 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
     Attributes
     ----------
     offset_ : float
-        ``decision_function = score_samples - offset_``.
+        ``decision_function = score_samples - offset_``; set by ``contamination``, or by
+        ``alpha`` once calibrated.
     score_rule_ : str
         The score rule in use (``score_rule`` with ``"auto"`` resolved).
     input_shape_ : tuple of int
@@ -187,6 +199,8 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
         decoder_sigma: float = 0.1,
         image_shape: Sequence[int] | None = None,
         contamination: str | float = "auto",
+        alpha: float | None = None,
+        calibration: float | None = None,
         critic_negatives: Sequence[str] = (),
         trim_fraction: float = 0.05,
         device: str = "auto",
@@ -211,6 +225,8 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
         self.decoder_sigma = decoder_sigma
         self.image_shape = image_shape
         self.contamination = contamination
+        self.alpha = alpha
+        self.calibration = calibration
         self.critic_negatives = critic_negatives
         self.trim_fraction = trim_fraction
         self.device = device
@@ -233,6 +249,11 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
                   and 0.0 < self.contamination <= 0.5):
             raise ValueError(f"contamination must be 'auto' or a float in (0, 0.5], "
                              f"got {self.contamination!r}")
+        for name in ("alpha", "calibration"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, numbers.Real)
+                                      or isinstance(value, bool) or not 0.0 < value < 1.0):
+                raise ValueError(f"{name} must be None or a float in (0, 1), got {value!r}")
         for name in ("latent_dim", "depth", "epochs", "batch_size"):
             value = getattr(self, name)
             if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
@@ -343,6 +364,17 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
         device = resolve_device(self.device)
         train_config = self._train_config()
         X, sample_shape = validate_samples(self, X, reset=True)
+        X_calibration = None
+        if self.calibration is not None:
+            n_calibration = round(self.calibration * len(X))
+            if n_calibration < 1 or len(X) - n_calibration < 2:
+                raise ValueError(f"calibration={self.calibration} of {len(X)} rows leaves "
+                                 f"{n_calibration} calibration and {len(X) - n_calibration} "
+                                 "training rows; need at least 1 and 2")
+            held_out = np.zeros(len(X), dtype=bool)
+            held_out[check_random_state(self.random_state).permutation(len(X))[
+                :n_calibration]] = True
+            X, X_calibration = X[~held_out], X[held_out]
         if self.image_shape is not None:
             input_shape = image_shape_tuple(self.image_shape)
             if sample_shape is not None and (1, *sample_shape)[-3:] != input_shape:
@@ -408,7 +440,65 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
             self.offset_ = float(q1 - 1.5 * (q3 - q1))
         else:
             self.offset_ = float(np.percentile(train_scores, 100.0 * self.contamination))
+        if X_calibration is not None:
+            self._calibrate_rows(X_calibration)
         return self
+
+    # ------------------------------------------------------------------ calibration
+    def calibrate(self, X):
+        """Store the anomaly scores of normal rows ``X`` that the networks were not trained
+        on, for :meth:`p_values`; with ``alpha`` set, also move ``offset_`` so that
+        ``predict`` flags a sample exactly when its p-value is at most ``alpha``.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features), (n, H, W) or (n, C, H, W)
+            Normal data, exchangeable with the normal data to be scored. Beyond 10,000 rows
+            a seeded random subset is kept.
+
+        Returns
+        -------
+        self : LatentEBMDetector
+        """
+        self._calibrate_rows(self._rows(X))
+        return self
+
+    def _calibrate_rows(self, rows: np.ndarray) -> None:
+        anomaly = -self._score_rows(rows)
+        if len(anomaly) > CALIBRATION_ROWS:
+            keep = np.random.RandomState(0).choice(len(anomaly), CALIBRATION_ROWS,
+                                                   replace=False)
+            anomaly = anomaly[keep]
+        self.scorer_.calibration_scores = torch.sort(torch.from_numpy(anomaly)).values
+        if self.alpha is not None:
+            self.offset_ = self._alpha_offset(float(self.alpha))
+
+    def _alpha_offset(self, alpha: float) -> float:
+        """The offset at which ``predict`` flags exactly the samples with p <= alpha: minus
+        the k-th largest calibration score, k = floor(alpha (n + 1)); none if k = 0."""
+        descending = self.scorer_.calibration_scores.flip(0).numpy()
+        k = int(np.floor(alpha * (len(descending) + 1)))
+        return -np.inf if k < 1 else float(-descending[k - 1])
+
+    def p_values(self, X) -> np.ndarray:
+        """Conformal p-value of each sample: (1 + number of calibration scores at least as
+        anomalous) / (n_calibration + 1). Small = anomalous; on normal data exchangeable
+        with the calibration rows, P(p <= alpha) <= alpha for every alpha.
+
+        Parameters
+        ----------
+        X : array-like, same layouts as ``fit``
+
+        Returns
+        -------
+        p : ndarray of shape (n_samples,), in (0, 1]
+        """
+        rows = self._rows(X)
+        if self.scorer_.calibration_scores.shape[0] == 0:
+            raise ValueError("p-values need calibration: fit with calibration=0.2 (a held-out "
+                             "fraction) or call calibrate(X_normal) first")
+        anomaly = torch.from_numpy(-self._score_rows(rows))
+        return self.scorer_.p_values(anomaly).numpy()
 
     # ------------------------------------------------------------------ scoring
     def _rows(self, X) -> np.ndarray:

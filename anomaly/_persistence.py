@@ -208,11 +208,14 @@ def load_detector(cls, path: str | Path):
         decoder_sigma = detector.decoder_sigma
     networks = build_networks(network_config, with_energy=detector.objective == "triangle")
     training_mean = weights.pop("training_mean").numpy()
+    # models saved before calibration existed have no calibration scores
+    weights.setdefault("calibration_scores", torch.zeros(0, dtype=torch.float64))
     scorer = AnomalyScorer(networks, weights["shift"], weights["scale"], input_shape,
                            fitted["score_rule"], decoder_sigma,
                            code_bank=weights["code_bank"],
                            fusion_center=weights["fusion_center"],
-                           fusion_spread=weights["fusion_spread"]).to(torch.float64)
+                           fusion_spread=weights["fusion_spread"],
+                           calibration_scores=weights["calibration_scores"]).to(torch.float64)
     try:
         scorer.load_state_dict(weights, strict=True)
     except RuntimeError as err:  # tensors of other shapes than the configuration says

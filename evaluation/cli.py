@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("model", type=Path, help=".onnx file or saved detector directory")
     score.add_argument("data", type=Path, help=".npy, .npz, .csv or .parquet")
     score.add_argument("--out", type=Path, default=Path("scores.csv"))
+    score.add_argument("--alpha", type=float, default=None,
+                       help="flag rows whose conformal p-value is at most ALPHA (a calibrated "
+                            "model) instead of using the saved threshold")
     return parser
 
 
@@ -396,7 +399,7 @@ def _run_command(args: argparse.Namespace) -> int:
         return 0
     from serving.commands import score_command
 
-    n_rows = score_command(args.model, args.data, args.out)
+    n_rows = score_command(args.model, args.data, args.out, alpha=args.alpha)
     print(f"scored {n_rows} rows -> {args.out}")
     return 0
 

@@ -16,16 +16,22 @@ def export_command(model_dir: Path, out: Path, graph: str = "scorer") -> Path:
     return export_onnx(LatentEBMDetector.load(model_dir), out, graph=graph)
 
 
-def score_command(model: Path, data: Path, out: Path) -> int:
+def score_command(model: Path, data: Path, out: Path, alpha: float | None = None) -> int:
     """Score ``data`` with an .onnx file (torch is not imported) or a saved detector
-    directory; write a CSV with score_samples, decision and label. Returns the row count."""
+    directory; write a CSV with score_samples, decision, label and p_value (NaN for an
+    uncalibrated model). With ``alpha`` the label flags p-values at most ``alpha``.
+    Returns the row count."""
     import pandas as pd
 
+    from serving.runtime import check_alpha
+
+    if alpha is not None:
+        check_alpha(alpha)
     rows = read_rows(data)
     if Path(model).suffix.lower() == ".onnx":
         from serving.runtime import OnnxDetector
 
-        result = OnnxDetector(model).score_all(rows)
+        result = OnnxDetector(model).score_all(rows, alpha=alpha)
     else:
         from anomaly import LatentEBMDetector
 
@@ -34,8 +40,15 @@ def score_command(model: Path, data: Path, out: Path) -> int:
             rows = rows.to_numpy()
         score = detector.score_samples(rows)
         decision = score - detector.offset_
-        result = {"score_samples": score, "decision": decision,
-                  "label": np.where(decision < 0, -1, 1)}
+        calibrated = detector.scorer_.calibration_scores.shape[0] > 0
+        if alpha is not None and not calibrated:
+            raise ValueError("--alpha needs a calibrated model (calibrate(X_normal) or "
+                             "calibration=0.2 when fitting)")
+        p_value = detector.p_values(rows) if calibrated else np.full(len(score), np.nan)
+        label = (np.where(decision < 0, -1, 1) if alpha is None
+                 else np.where(p_value <= alpha, -1, 1))
+        result = {"score_samples": score, "decision": decision, "label": label,
+                  "p_value": p_value}
     frame = pd.DataFrame(result)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(out, index=False)

@@ -25,14 +25,16 @@ GRAPHS = ("scorer", "encoder", "energy")
 
 
 class FusedScorer(nn.Module):
-    """raw rows -> (score_samples, decision, label) with ``offset_`` inside the graph."""
+    """raw rows -> (score_samples, decision, label, p_value) with ``offset_`` and the
+    calibration scores inside the graph (p_value is NaN for an uncalibrated model)."""
 
     def __init__(self, scorer: AnomalyScorer, offset: float) -> None:
         super().__init__()
         self.scorer = scorer
         self.register_buffer("offset", torch.tensor(offset, dtype=torch.float64))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         normality = -self.scorer(x)
         # A value beyond float32's range overflows the float32 networks into NaN; such a row
         # is as anomalous as a score can be, never an inlier (NaN < 0 would be False).
@@ -40,7 +42,7 @@ class FusedScorer(nn.Module):
                                 torch.full_like(normality, -torch.inf), normality)
         decision = normality - self.offset
         label = torch.where(decision < 0, -1, 1).to(torch.int64)
-        return normality, decision, label
+        return normality, decision, label, self.scorer.p_values(-normality)
 
 
 class EncoderGraph(nn.Module):
@@ -80,7 +82,7 @@ def _graph(detector, graph: str) -> tuple[nn.Module, tuple, tuple[str, ...], tup
     x = torch.zeros(2, detector.n_features_in_, dtype=torch.float64)
     if graph == "scorer":
         return (FusedScorer(scorer, detector.offset_), (x,), ("x",),
-                ("score_samples", "decision", "label"))
+                ("score_samples", "decision", "label", "p_value"))
     if graph == "encoder":
         return EncoderGraph(scorer), (x,), ("x",), ("mu", "logvar")
     if graph == "energy":
@@ -135,6 +137,7 @@ def export_onnx(detector, path: str | Path, graph: str = "scorer",
         "sample_shape": json.dumps(list(detector._sample_shape)),
         "score_rule": detector.score_rule_,
         "code_bank_rows": str(detector.scorer_.code_bank.shape[0]),
+        "calibration_rows": str(detector.scorer_.calibration_scores.shape[0]),
         "offset": repr(float(detector.offset_)),
         "contamination": str(contamination),
         "weights_sha256": metadata.weights_sha256(

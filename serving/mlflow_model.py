@@ -60,8 +60,10 @@ class OnnxScorerModel(mlflow.pyfunc.PythonModel):
         from mlflow.exceptions import MlflowException
         from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
+        alpha = (params or {}).get("alpha")
+        alpha = None if alpha is None or float(alpha) < 0 else float(alpha)
         try:
-            return pd.DataFrame(self._runtime().score_all(model_input))
+            return pd.DataFrame(self._runtime().score_all(model_input, alpha=alpha))
         except (ValueError, TypeError) as err:
             # The input is at fault (NaN, no rows, wrong width or columns): the REST server
             # answers 400 with this reason instead of a generic message and a stack trace.
@@ -116,7 +118,9 @@ def log_model(detector, name: str, registered_model_name: str | None = None,
             name=name,
             python_model=str(Path(__file__).with_name("mlflow_pyfunc_entry.py")),
             artifacts={ARTIFACT_KEY: str(onnx_path)},
-            signature=infer_signature(example, output),
+            # alpha < 0 (the default) keeps the exported threshold; in (0, 1) a request
+            # flags p-values at most alpha (a calibrated model only).
+            signature=infer_signature(example, output, params={"alpha": -1.0}),
             input_example=example,
             registered_model_name=registered_model_name,
             **kwargs,

@@ -129,6 +129,12 @@ def validate_rows(X, n_features: int, sample_shapes: tuple[tuple[int, ...], ...]
     return rows
 
 
+def check_alpha(alpha) -> None:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.floating)) \
+            or not 0.0 < float(alpha) < 1.0:
+        raise ValueError(f"alpha must be a float in (0, 1), got {alpha!r}")
+
+
 DEFAULT_CHUNK_ROWS = 65536
 # Float64 row-to-code distances one chunk may hold (256 MiB) for the bank score rules.
 MAX_DISTANCES = 2**25
@@ -170,9 +176,11 @@ class OnnxDetector:
         self.session_ = ort.InferenceSession(raw, sess_options=options, providers=wanted)
         self.providers_ = self.session_.get_providers()
         logger.info("ONNX Runtime providers: %s", self.providers_)
+        self.n_calibration_ = int(self.metadata_.get("calibration_rows", "0"))
         if chunk_rows is None:
             bank_rows = int(self.metadata_.get("code_bank_rows", "0"))
-            chunk_rows = min(DEFAULT_CHUNK_ROWS, max(1, MAX_DISTANCES // max(bank_rows, 1)))
+            per_row = max(bank_rows + self.n_calibration_, 1)
+            chunk_rows = min(DEFAULT_CHUNK_ROWS, max(1, MAX_DISTANCES // per_row))
         if int(chunk_rows) < 1:
             raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
         self.chunk_rows = int(chunk_rows)
@@ -190,13 +198,16 @@ class OnnxDetector:
             self._feature_names = tuple(json.loads(self.metadata_["feature_names"]))
             self.feature_names_in_ = np.array(self._feature_names, dtype=object)
 
-    def _run(self, X) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _run(self, X) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         rows = validate_rows(X, self.n_features_in_, self._sample_shapes,
                              feature_names=self._feature_names)
         parts = [self.session_.run(None, {"x": rows[i:i + self.chunk_rows]})
                  for i in range(0, len(rows), self.chunk_rows)]
-        score, decision, label = (np.concatenate(column) for column in zip(*parts, strict=True))
-        return score, decision, label
+        columns = [np.concatenate(column) for column in zip(*parts, strict=True)]
+        if len(columns) == 3:  # exported before p-values existed
+            columns.append(np.full(len(rows), np.nan))
+        score, decision, label, p_value = columns
+        return score, decision, label, p_value
 
     def score_samples(self, X) -> np.ndarray:
         """Normality score, higher = more normal; shape (n_samples,), float64."""
@@ -210,11 +221,30 @@ class OnnxDetector:
         """``score_samples - offset_``; negative = outlier."""
         return self._run(X)[1]
 
-    def predict(self, X) -> np.ndarray:
-        """+1 inlier, -1 outlier."""
-        return self._run(X)[2]
+    def predict(self, X, alpha: float | None = None) -> np.ndarray:
+        """+1 inlier, -1 outlier: at the exported threshold, or, with ``alpha``, where the
+        conformal p-value is at most ``alpha`` (needs a calibrated model)."""
+        return self.score_all(X, alpha=alpha)["label"]
 
-    def score_all(self, X) -> dict[str, np.ndarray]:
-        """score_samples, decision and label from one pass."""
-        score, decision, label = self._run(X)
-        return {"score_samples": score, "decision": decision, "label": label}
+    def p_values(self, X) -> np.ndarray:
+        """Conformal p-values, as ``LatentEBMDetector.p_values``; needs a calibrated model."""
+        self._check_calibrated()
+        return self._run(X)[3]
+
+    def _check_calibrated(self) -> None:
+        if self.n_calibration_ == 0:
+            raise ValueError("this model was exported without calibration scores, so it has "
+                             "no p-values: calibrate the detector (calibrate(X_normal) or "
+                             "calibration=0.2) and export it again")
+
+    def score_all(self, X, alpha: float | None = None) -> dict[str, np.ndarray]:
+        """score_samples, decision, label and p_value from one pass; with ``alpha`` the
+        label flags p-values at most ``alpha`` instead of the exported threshold."""
+        if alpha is not None:
+            check_alpha(alpha)
+            self._check_calibrated()
+        score, decision, label, p_value = self._run(X)
+        if alpha is not None:
+            label = np.where(p_value <= alpha, -1, 1).astype(np.int64)
+        return {"score_samples": score, "decision": decision, "label": label,
+                "p_value": p_value}

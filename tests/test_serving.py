@@ -212,7 +212,7 @@ def test_cli_export_and_score(exported, tmp_path, suffix):
         model = saved
     assert cli.main(["score", str(model), str(data), "--out", str(tmp_path / "s.csv")]) == 0
     scores = pd.read_csv(tmp_path / "s.csv")
-    assert list(scores.columns) == ["score_samples", "decision", "label"]
+    assert list(scores.columns) == ["score_samples", "decision", "label", "p_value"]
     np.testing.assert_allclose(scores["score_samples"], det.score_samples(X), rtol=1e-5)
     np.testing.assert_array_equal(scores["label"], det.predict(X))
 

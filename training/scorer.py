@@ -26,7 +26,11 @@ CHUNK_ROWS = 4096
 BANK_ROWS = 10_000
 # Buffers that keep float64 when the networks go to float32 (save, ONNX export): the
 # preprocessing and the score's calibration, statistics computed by the float64 scorer.
-FLOAT64_BUFFERS = ("shift", "scale", "code_bank", "fusion_center", "fusion_spread")
+FLOAT64_BUFFERS = ("shift", "scale", "code_bank", "fusion_center", "fusion_spread",
+                   "calibration_scores")
+# Most calibration scores a model keeps for conformal p-values (a seeded random subset
+# beyond): any exchangeable subset keeps the guarantee; this bounds the graph's comparisons.
+CALIBRATION_ROWS = 10_000
 # Neighbours of the latent_knn rule (the usual k of kNN detectors, PyOD's default).
 N_NEIGHBORS = 5
 
@@ -62,13 +66,17 @@ class AnomalyScorer(nn.Module):
     fusion_center, fusion_spread : Tensor of shape (len(FUSED_RULES),) or None
         Median and interquartile range of each fused rule on the bank's training rows, set by
         :meth:`calibrate` (an absent energy gets center 0 and spread 1 and is left out).
+    calibration_scores : Tensor of shape (n_calibration,) or None
+        Sorted anomaly scores of normal rows the networks were not trained on, for
+        :meth:`p_values` (set by the estimator's ``calibrate``).
     """
 
     def __init__(self, networks: Networks, shift: torch.Tensor, scale: torch.Tensor,
                  input_shape: tuple[int, ...], rule: str, decoder_sigma: float,
                  code_bank: torch.Tensor | None = None,
                  fusion_center: torch.Tensor | None = None,
-                 fusion_spread: torch.Tensor | None = None) -> None:
+                 fusion_spread: torch.Tensor | None = None,
+                 calibration_scores: torch.Tensor | None = None) -> None:
         super().__init__()
         if rule not in SCORE_RULES:
             raise ValueError(f"score_rule must be one of {SCORE_RULES}, got {rule!r}")
@@ -92,6 +100,8 @@ class AnomalyScorer(nn.Module):
                              if fusion_center is None else fusion_center.clone())
         self.register_buffer("fusion_spread", torch.ones(n_fused, dtype=shift.dtype)
                              if fusion_spread is None else fusion_spread.clone())
+        self.register_buffer("calibration_scores", torch.zeros(0, dtype=shift.dtype)
+                             if calibration_scores is None else calibration_scores.clone())
 
     @property
     def is_calibrated(self) -> bool:
@@ -120,6 +130,17 @@ class AnomalyScorer(nn.Module):
                 iqr = float(q3 - q1)
                 spread[i] = iqr if iqr > 1e-12 * max(1.0, abs(float(median))) else 1.0
         self.fusion_center, self.fusion_spread = center, spread
+
+    def p_values(self, anomaly: torch.Tensor) -> torch.Tensor:
+        """Split-conformal p-value of each anomaly score ``(n,)``: (1 + the number of
+        calibration scores at least as large) / (n_calibration + 1); NaN without calibration.
+        On normal data exchangeable with the calibration rows, P(p <= alpha) <= alpha."""
+        n_calibration = self.calibration_scores.shape[0]
+        if n_calibration == 0:
+            return torch.full_like(anomaly, torch.nan)
+        # (n, n_calibration) comparisons and a sum: ONNX has no searchsorted.
+        at_least = (self.calibration_scores >= anomaly[:, None]).sum(1).to(anomaly.dtype)
+        return (1.0 + at_least) / (n_calibration + 1)
 
     @property
     def networks(self) -> Networks:
