@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 SUITES = ("quick", "digits", "mnist", "images", "adbench", "tabular", "reconstruction",
-          "inpainting", "speed", "serving", "rest", "spark", "robustness")
+          "inpainting", "speed", "serving", "rest", "spark", "robustness", "calibration")
 IMAGE_DEFAULT_CLASSES = (1, 4, 5, 7, 9)
 DEFAULT_METHODS = ("triangle", "vae_ablation", "isolation_forest", "lof", "ocsvm")
 # On load_digits a plain nearest-neighbour score in pixel space is the strongest peer.
@@ -69,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "spark: score 500k rows through spark_udf in local mode; "
                             "robustness: 40 kinds of bad input against the estimator, ONNX, "
                             "divtri score, the pyfunc model and the REST server, plus a "
-                            "mixed good/bad REST load")
+                            "mixed good/bad REST load; "
+                            "calibration: false-alarm rate of conformal p-values at alpha "
+                            "0.01/0.05/0.1 on load_digits (and ADBench with --data)")
     bench.add_argument("--data", type=Path, default=None,
                        help="data directory: speed takes the MNIST npz directory, serving "
                             "the shared data root (with mnist/ and adbench/); random data if "
@@ -220,6 +222,24 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.budget_minutes is not None:
         detector_params["max_training_seconds"] = 60.0 * args.budget_minutes
         epochs = epochs if epochs is not None else 1000
+    if args.suite == "calibration":
+        from evaluation.calibration import (
+            adbench_splits,
+            calibration_suite,
+            calibration_summary,
+            digits_splits,
+        )
+
+        log = ResultLog(out / "calibration.csv")
+        splits = digits_splits()
+        if args.data is not None:
+            splits |= adbench_splits(args.data)
+        calibration_suite(splits, seeds=args.seeds if args.seeds is not None else [0, 1, 2],
+                          log=log, epochs=epochs, detector_params=detector_params)
+        table = calibration_summary(log.frame())
+        write_tables({"calibration": table}, out)
+        print(markdown(table))
+        return 0
     if args.suite in ("quick", "digits"):
         quick = args.suite == "quick"
         log = digits_suite(
