@@ -88,3 +88,28 @@ def test_uncalibrated_models_say_so(tmp_path, capsys):
         LatentEBMDetector(**TINY, alpha=1.0).fit(NORMAL)
     with pytest.raises(ValueError, match="leaves 0 calibration"):
         LatentEBMDetector(**TINY, calibration=0.001).fit(NORMAL[:100])
+
+
+def test_calibration_suite_measures_both_paths(tmp_path):
+    from evaluation import protocols
+    from evaluation.calibration import calibration_suite, calibration_summary
+    from evaluation.results import ResultLog
+
+    rng = np.random.RandomState(1)
+    X = np.vstack([rng.normal(size=(400, 3)), rng.normal(loc=5, size=(40, 3))])
+    y = np.r_[np.zeros(400), np.ones(40)].astype(int)
+    log = ResultLog(tmp_path / "c.csv")
+    splits = {("toy", "set"): lambda seed: protocols.tabular(X, y, seed, semi_supervised=True)}
+    calibration_suite(splits, seeds=[0, 1], log=log, epochs=2, onnx_seeds=(0,),
+                      detector_params={k: v for k, v in TINY.items() if k != "epochs"},
+                      verbose=False)
+    frame = log.frame()
+    assert len(frame) == 3 * 3  # 2 seeds on the estimator, 1 on ONNX, 3 alphas each
+    estimator = frame[frame.path == "estimator"].set_index(["seed", "alpha"])
+    onnx = frame[frame.path == "onnx"].set_index(["seed", "alpha"])
+    np.testing.assert_allclose(onnx.false_alarm_rate, estimator.loc[0].false_alarm_rate.values)
+    assert (estimator.detection_rate.loc[(0, 0.1)] > 0.9)  # anomalies 5 sd away
+    table = calibration_summary(frame)
+    assert table.loc["toy, estimator, alpha=0.1", "runs"] == 2
+    calibration_suite(splits, seeds=[0, 1], log=log, epochs=2, verbose=False)
+    assert len(log.frame()) == 9  # resumed: nothing rerun
