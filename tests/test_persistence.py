@@ -95,11 +95,8 @@ def test_resaving_leaves_one_model_and_no_litter(tmp_path, fitted, tabular_modul
 
 SAVE_LOOP = """
 import sys
-import numpy as np
 from anomaly import LatentEBMDetector
-X = np.random.RandomState(0).normal(size=(3000, 40))
-models = [LatentEBMDetector(latent_dim=2, width=64, depth=1, epochs=1, random_state=s).fit(X)
-          for s in (0, 1)]
+models = [LatentEBMDetector.load(path) for path in sys.argv[2:]]
 print("ready", flush=True)
 i = 0
 while True:
@@ -111,15 +108,17 @@ while True:
 @pytest.mark.slow
 def test_a_save_killed_at_random_times_leaves_a_loadable_model(tmp_path):
     X = np.random.RandomState(0).normal(size=(3000, 40))
-    expected = [LatentEBMDetector(latent_dim=2, width=64, depth=1, epochs=1,
-                                  random_state=s).fit(X).score_samples(X[:20]) for s in (0, 1)]
+    models = [LatentEBMDetector(latent_dim=2, width=64, depth=1, epochs=1,
+                                random_state=s).fit(X) for s in (0, 1)]
+    sources = [str(m.save(tmp_path / f"source{i}")) for i, m in enumerate(models)]
+    expected = [m.score_samples(X[:20]) for m in models]
     rng = np.random.RandomState(0)
     for trial in range(16):
         directory = tmp_path / f"model{trial}"
-        process = subprocess.Popen([sys.executable, "-c", SAVE_LOOP, str(directory)],
+        process = subprocess.Popen([sys.executable, "-c", SAVE_LOOP, str(directory), *sources],
                                    stdout=subprocess.PIPE, text=True)
         assert process.stdout.readline().strip() == "ready"
-        time.sleep(rng.uniform(0.2, 1.5))
+        time.sleep(rng.uniform(0.05, 0.5))
         process.send_signal(signal.SIGKILL)
         process.wait()
         scores = LatentEBMDetector.load(directory).score_samples(X[:20])
