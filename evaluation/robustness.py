@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy import sparse
 
 COLUMNS = ["temp", "pressure", "flow", "speed"]
 ENTRIES = ("estimator", "onnx", "cli", "pyfunc", "rest")
@@ -91,8 +92,7 @@ def cases() -> list[Case]:
         Case("scalar", lambda f: 3.0),
         Case("nested lists (valid)", lambda f: f.to_numpy().tolist(), _same),
         Case("ragged lists", lambda f: [[1.0, 2.0, 3.0, 4.0], [1.0, 2.0]]),
-        Case("sparse matrix", lambda f: __import__("scipy.sparse").sparse.csr_matrix(
-            f.to_numpy())),
+        Case("sparse matrix", lambda f: sparse.csr_matrix(f.to_numpy())),
         Case("object array of floats", lambda f: f.to_numpy().astype(object), _same),
         Case("datetime column", lambda f: f.assign(
             flow=pd.date_range("2024-01-01", periods=len(f)))),
