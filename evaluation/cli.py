@@ -237,7 +237,7 @@ def run_bench(args: argparse.Namespace) -> int:
         calibration_suite(splits, seeds=args.seeds if args.seeds is not None else [0, 1, 2],
                           log=log, epochs=epochs, detector_params=detector_params)
         table = calibration_summary(log.frame())
-        write_tables({"calibration": table}, out)
+        write_tables({"summary": table}, out)  # beside the raw calibration.csv
         print(markdown(table))
         return 0
     if args.suite in ("quick", "digits"):
