@@ -231,7 +231,7 @@ def run_bench(args: argparse.Namespace) -> int:
         )
 
         log = ResultLog(out / "calibration.csv")
-        splits = digits_splits()
+        splits = digits_splits(args.classes if args.classes is not None else range(10))
         if args.data is not None:
             splits |= adbench_splits(args.data)
         calibration_suite(splits, seeds=args.seeds if args.seeds is not None else [0, 1, 2],

@@ -113,3 +113,15 @@ def test_calibration_suite_measures_both_paths(tmp_path):
     assert table.loc["toy, estimator, alpha=0.1", "runs"] == 2
     calibration_suite(splits, seeds=[0, 1], log=log, epochs=2, verbose=False)
     assert len(log.frame()) == 9  # resumed: nothing rerun
+
+
+def test_calibration_command_keeps_its_raw_results(tmp_path, capsys):
+    args = ["bench", "--suite", "calibration", "--classes", "3", "--seeds", "0", "--epochs", "1",
+            "--detector-params", '{"width": 8, "latent_dim": 2, "depth": 1}',
+            "--out", str(tmp_path)]
+    assert cli.main(args) == 0
+    assert "digits, onnx, alpha=0.05" in capsys.readouterr().out
+    raw = pd.read_csv(tmp_path / "calibration" / "calibration.csv")
+    assert len(raw) == 6 and set(raw.path) == {"estimator", "onnx"}
+    assert cli.main(args) == 0  # resumes from the raw file: nothing to rerun, still 6 rows
+    assert len(pd.read_csv(tmp_path / "calibration" / "calibration.csv")) == 6
