@@ -3,6 +3,7 @@ import pickle
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from sklearn.metrics import roc_auc_score
 
 from anomaly import LatentEBMDetector
@@ -170,6 +171,17 @@ def test_reconstruct_sample_inpaint(images):
     np.testing.assert_array_equal(filled[~mask], X[:6][~mask])
     refined = det.inpaint(corrupted, mask, n_iter=2, langevin_steps=2, random_state=0)
     np.testing.assert_array_equal(refined[~mask], X[:6][~mask])
+
+
+def test_langevin_samples_the_potential_it_is_given(tabular):
+    # U(z) = ||z - 3||^2 / 2 is N(3, I): short-run chains from 0 must move there, with unit
+    # spread, whatever network the detector holds.
+    det = _fit(tabular)
+    generator = torch.Generator().manual_seed(0)
+    z = det._langevin(torch.zeros(4000, 2, dtype=torch.float64),
+                      lambda v: 0.5 * (v - 3.0).pow(2).sum(1), 300, 0.2, generator)
+    np.testing.assert_allclose(z.mean(0).numpy(), [3.0, 3.0], atol=0.1)
+    np.testing.assert_allclose(z.std(0).numpy(), [1.0, 1.0], atol=0.1)
 
 
 def test_inpaint_validates_mask(tabular):

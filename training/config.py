@@ -133,6 +133,3 @@ class TrainConfig:
             raise ValueError(f"trim_fraction must be in [0, 1), got {self.trim_fraction}")
         if self.decoder_sigma <= 0:
             raise ValueError(f"decoder_sigma must be positive, got {self.decoder_sigma}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)

@@ -142,10 +142,6 @@ class AnomalyScorer(nn.Module):
         at_least = (self.calibration_scores >= anomaly[:, None]).sum(1).to(anomaly.dtype)
         return (1.0 + at_least) / (n_calibration + 1)
 
-    @property
-    def networks(self) -> Networks:
-        return Networks(self.encoder, self.generator, self.energy)
-
     def preprocess(self, x_raw: torch.Tensor) -> torch.Tensor:
         """``(n, n_features)`` raw -> ``(n, *input_shape)`` model space."""
         return ((x_raw - self.shift) / self.scale).reshape(-1, *self.input_shape)
