@@ -54,6 +54,21 @@ def test_pyfunc_takes_alpha_as_an_inference_parameter(tracking, detector):
         np.testing.assert_array_equal(out["label"], np.where(p_values <= alpha, -1, 1))
 
 
+@pytest.mark.slow
+def test_mlflow_models_predict_in_the_local_environment(tracking, detector, tmp_path):
+    # what `mlflow models predict` and MLflow's own pre-deployment check run
+    with mlflow.start_run():
+        info = log_model(detector, "m")
+    frame = pd.DataFrame(X[:5] * 1.5, columns=[f"x{i}" for i in range(4)])
+    out = tmp_path / "predictions.json"
+    mlflow.models.predict(info.model_uri, input_data=frame, env_manager="local",
+                          output_path=str(out))
+    got = pd.DataFrame(json.loads(out.read_text())["predictions"])
+    np.testing.assert_allclose(got["score_samples"], detector.score_samples(X[:5] * 1.5),
+                               rtol=1e-5)
+    np.testing.assert_allclose(got["p_value"], detector.p_values(X[:5] * 1.5), rtol=1e-5)
+
+
 def test_logging_an_unfitted_detector_says_so(tracking):
     from sklearn.exceptions import NotFittedError
 
