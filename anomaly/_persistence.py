@@ -92,10 +92,10 @@ def _remove_litter(directory: Path) -> None:
     """Delete what an interrupted save left: temp files, and weights files that the JSON
     does not name. Only this module's own file names are touched."""
     keep = _referenced_weights(directory)
-    for path in [*directory.glob("*" + TEMP_SUFFIX), *directory.glob(WEIGHTS_PATTERN)]:
-        if path.name != keep and (path.name.endswith(TEMP_SUFFIX)
-                                  or path.name.endswith(".safetensors")):
-            path.unlink(missing_ok=True)
+    for pattern in (CONFIG_NAME + TEMP_SUFFIX, WEIGHTS_PATTERN, WEIGHTS_PATTERN + TEMP_SUFFIX):
+        for path in directory.glob(pattern):
+            if path.name != keep:
+                path.unlink(missing_ok=True)
 
 
 def _json_param(value):

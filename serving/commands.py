@@ -33,6 +33,8 @@ def score_command(model: Path, data: Path, out: Path, alpha: float | None = None
 
         result = OnnxDetector(model).score_all(rows, alpha=alpha)
     else:
+        import torch
+
         from anomaly import LatentEBMDetector
 
         detector = LatentEBMDetector.load(model)
@@ -44,7 +46,9 @@ def score_command(model: Path, data: Path, out: Path, alpha: float | None = None
         if alpha is not None and not calibrated:
             raise ValueError("--alpha needs a calibrated model (calibrate(X_normal) or "
                              "calibration=0.2 when fitting)")
-        p_value = detector.p_values(rows) if calibrated else np.full(len(score), np.nan)
+        # p-values from the scores already computed, not a second pass through the networks
+        p_value = (detector.scorer_.p_values(torch.from_numpy(-score)).numpy() if calibrated
+                   else np.full(len(score), np.nan))
         label = (np.where(decision < 0, -1, 1) if alpha is None
                  else np.where(p_value <= alpha, -1, 1))
         result = {"score_samples": score, "decision": decision, "label": label,

@@ -63,11 +63,13 @@ def test_calibration_survives_save_load_and_export_with_parity(calibrated, tmp_p
         np.testing.assert_array_equal(runtime.predict(X, alpha=alpha),
                                       np.where(calibrated.p_values(X) <= alpha, -1, 1))
     pd.DataFrame(X).to_csv(tmp_path / "x.csv", index=False)
-    assert cli.main(["score", str(tmp_path / "m.onnx"), str(tmp_path / "x.csv"),
-                     "--out", str(tmp_path / "s.csv"), "--alpha", "0.3"]) == 0
-    scored = pd.read_csv(tmp_path / "s.csv")
-    np.testing.assert_allclose(scored.p_value, calibrated.p_values(X), rtol=1e-5)
-    np.testing.assert_array_equal(scored.label, np.where(calibrated.p_values(X) <= 0.3, -1, 1))
+    for model in (tmp_path / "m.onnx", tmp_path / "m"):  # the ONNX file and the saved model
+        assert cli.main(["score", str(model), str(tmp_path / "x.csv"),
+                         "--out", str(tmp_path / "s.csv"), "--alpha", "0.3"]) == 0
+        scored = pd.read_csv(tmp_path / "s.csv")
+        np.testing.assert_allclose(scored.p_value, calibrated.p_values(X), rtol=1e-5)
+        np.testing.assert_array_equal(scored.label,
+                                      np.where(calibrated.p_values(X) <= 0.3, -1, 1))
 
 
 def test_uncalibrated_models_say_so(tmp_path, capsys):
