@@ -26,7 +26,7 @@ from training import (
 )
 from training.checkpoint import Checkpointer
 from training.loop import EpochCallback
-from training.scorer import CALIBRATION_ROWS
+from training.scorer import CALIBRATION_ROWS, CHUNK_ROWS
 
 
 def resolve_device(device: str) -> torch.device:
@@ -539,6 +539,37 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
     def predict(self, X) -> np.ndarray:
         """+1 for inliers, -1 for outliers. Shape (n_samples,)."""
         return np.where(self.decision_function(X) < 0, -1, 1)
+
+    def feature_scores(self, X) -> np.ndarray:
+        """Each feature's (pixel's) part of the anomaly score: where in a sample its anomaly
+        sits, for images an anomaly map.
+
+        The anomaly score ``-score_samples(X)`` of each sample is shared out over its features
+        in proportion to their squared standardised residuals against the model's normal
+        counterpart of the sample (its reconstruction, re-encoded with the worst-fitting 10% of
+        features filled in by the model, so that an anomalous region does not drag the
+        reconstruction along). Values are in the score's units and each sample's sum to its
+        anomaly score, so they compare across samples: a normal sample's map is faint
+        everywhere. (For the likelihood rules a normal sample's score, and so its map, can be
+        negative.)
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features), (n, H, W) or (n, C, H, W)
+
+        Returns
+        -------
+        feature_scores : ndarray of the shape of ``X``, float64
+        """
+        check_is_fitted(self)
+        rows, sample_shape = validate_samples(self, X, reset=False)
+        anomaly = -self._score_rows(rows)
+        with torch.no_grad():
+            out = torch.cat([
+                self.scorer_.feature_scores(torch.from_numpy(rows[i:i + CHUNK_ROWS]),
+                                            torch.from_numpy(anomaly[i:i + CHUNK_ROWS]))
+                for i in range(0, len(rows), CHUNK_ROWS)]).numpy()
+        return self._as_output(out, sample_shape)
 
     # ------------------------------------------------------------------ generative use
     def _as_output(self, rows: np.ndarray, like_shape: tuple[int, ...] | None) -> np.ndarray:

@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 
 SUITES = ("quick", "digits", "mnist", "images", "adbench", "tabular", "reconstruction",
-          "inpainting", "speed", "serving", "rest", "spark", "robustness", "calibration")
+          "inpainting", "speed", "serving", "rest", "spark", "robustness", "calibration",
+          "localisation")
 IMAGE_DEFAULT_CLASSES = (1, 4, 5, 7, 9)
 DEFAULT_METHODS = ("triangle", "vae_ablation", "isolation_forest", "lof", "ocsvm")
 # On load_digits a plain nearest-neighbour score in pixel space is the strongest peer.
@@ -71,7 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "divtri score, the pyfunc model and the REST server, plus a "
                             "mixed good/bad REST load; "
                             "calibration: false-alarm rate of conformal p-values at alpha "
-                            "0.01/0.05/0.1 on load_digits (and ADBench with --data)")
+                            "0.01/0.05/0.1 on load_digits (and ADBench with --data); "
+                            "localisation: do feature_scores find an implanted anomaly (a "
+                            "patch in MNIST digits, a shifted feature in ADBench rows)? "
+                            "--data is the shared data root with mnist/ and adbench/")
     bench.add_argument("--data", type=Path, default=None,
                        help="data directory: speed takes the MNIST npz directory, serving "
                             "the shared data root (with mnist/ and adbench/); random data if "
@@ -115,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="tabular: share of the rows held out for testing (stratified)")
     bench.add_argument("--out", type=Path, default=Path("results"),
                        help="output directory (CSV and Markdown); reruns resume from it")
+    bench.add_argument("--mlflow-experiment", default=None,
+                       help="also log the run to this MLflow experiment (tracking server "
+                            "from MLFLOW_TRACKING_URI): the options, every number of the "
+                            "tables (AUROC, AUPRC, false-alarm rates, ...) and the files")
 
     export = commands.add_parser("export", help="export a saved detector to ONNX")
     export.add_argument("model", type=Path, help="directory written by detector.save()")
@@ -222,6 +230,26 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.budget_minutes is not None:
         detector_params["max_training_seconds"] = 60.0 * args.budget_minutes
         epochs = epochs if epochs is not None else 1000
+    if args.suite == "localisation":
+        from evaluation.localisation import localisation_suite, localisation_tables
+
+        if args.data is None:
+            raise SystemExit("localisation needs --data: a directory with mnist/ and/or "
+                             "adbench/ (the shared data root)")
+        log = ResultLog(out / "localisation.csv")
+        image_params = dict(detector_params)
+        if epochs is None:  # 100 epochs of 60,000 images would take hours on a CPU
+            image_params["max_training_seconds"] = 120.0
+        localisation_suite(args.data, log, seeds=args.seeds if args.seeds is not None else [0],
+                           epochs=epochs if epochs is not None else 30,
+                           image_epochs=epochs if epochs is not None else 1000,
+                           detector_params=detector_params, image_params=image_params,
+                           datasets_wanted=args.datasets, plot_dir=out)
+        tables = localisation_tables(log.frame())
+        write_tables(tables, out)
+        for name, table in tables.items():
+            print(f"\n{name}\n{markdown(table)}")
+        return 0
     if args.suite == "calibration":
         from evaluation.calibration import (
             adbench_splits,
@@ -373,7 +401,7 @@ def _run_data_suite(args: argparse.Namespace, out: Path, epochs, detector_params
         name = "mnist"
     image_shape = tuple(X.shape[1:])
     if args.suite in ("reconstruction", "inpainting"):
-        train, test = X[:60000], X[60000:]  # MNIST's own split: test digits are held out
+        train, test = X[:datasets.MNIST_TRAIN_ROWS], X[datasets.MNIST_TRAIN_ROWS:]
         options = MethodOptions(epochs=epochs, image_shape=image_shape,
                                 detector_params=detector_params)
         recon, inpaint = suites.reconstruction_and_inpainting_suite(
@@ -411,7 +439,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run_command(args: argparse.Namespace) -> int:
     if args.command == "bench":
-        return run_bench(args)
+        import time
+
+        started = time.time()
+        code = run_bench(args)
+        if code == 0 and args.mlflow_experiment:
+            from evaluation.tracking import log_bench_run
+
+            run_id = log_bench_run(args.mlflow_experiment, vars(args),
+                                   Path(args.out) / args.suite, started)
+            print(f"logged to MLflow experiment {args.mlflow_experiment!r}, run {run_id}")
+        return code
     if args.command == "export":
         from serving.commands import export_command
 

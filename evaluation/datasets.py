@@ -8,6 +8,7 @@ import numpy as np
 from sklearn.datasets import load_digits
 
 MNIST_TRAIN_PARTS = 4
+MNIST_TRAIN_ROWS = 60_000  # mnist() returns MNIST's training set first, then its test set
 
 
 def digits() -> tuple[np.ndarray, np.ndarray]:

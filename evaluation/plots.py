@@ -68,3 +68,27 @@ def image_grid(rows: list[np.ndarray], path: Path, low: float, high: float,
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def anomaly_maps(rows: list[np.ndarray], labels: list[str], path: Path) -> Path:
+    """Images and their anomaly maps, one grid row each (``(k, H, W)``): the first row in
+    grey, the others as heat maps, each row on its own colour scale (0 to its largest value),
+    so maps of different methods are compared by where they light up."""
+    k = rows[0].shape[0]
+    fig, axes = plt.subplots(len(rows), k, figsize=(k * 0.7, len(rows) * 0.75), squeeze=False)
+    for r, (images, label) in enumerate(zip(rows, labels, strict=True)):
+        images = np.asarray(images, dtype=np.float64).reshape(k, *np.shape(images)[-2:])
+        top = float(np.nanmax(images)) if r else None
+        for c in range(k):
+            ax = axes[r, c]
+            if r == 0:
+                ax.imshow(images[c], cmap="gray")
+            else:
+                ax.imshow(images[c], cmap="inferno", vmin=0.0, vmax=max(top, 1e-12))
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[r, 0].set_ylabel(label, fontsize="x-small", rotation=0, ha="right", va="center")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

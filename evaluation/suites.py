@@ -42,6 +42,18 @@ def _fit_and_score(method, name: str, split: protocols.Split
             | {f"{name}[{rule}]": s for rule, s in by_rule.items()}), fit_seconds
 
 
+def _plot_most_anomalous(detector, X_test: np.ndarray, scores: np.ndarray,
+                         image_shape: tuple[int, ...], path: Path, n: int = 10) -> None:
+    """The ``n`` test images the detector finds most anomalous, and their anomaly maps."""
+    top = np.argsort(-np.nan_to_num(scores, nan=-np.inf))[:n]
+    images = flat(X_test[top])
+    maps = detector.feature_scores(images).reshape(len(top), *image_shape)
+    images = images.reshape(len(top), *image_shape)
+    if len(image_shape) == 3:  # one map per channel: show the first channel and the sum
+        images, maps = images[:, 0], maps.sum(axis=1)
+    plots.anomaly_maps([images, maps], ["most anomalous", "feature_scores"], path)
+
+
 def _run_jobs(jobs, make_split, *, dataset_of, options, log: ResultLog, desc: str,
               verbose: bool, plot_dir: Path | None = None, model_dir: Path | None = None
               ) -> None:
@@ -66,6 +78,10 @@ def _run_jobs(jobs, make_split, *, dataset_of, options, log: ResultLog, desc: st
             continue
         if model_dir is not None and name == "triangle" and seed == jobs[0][1]:
             method.save(model_dir / str(target))
+        if (plot_dir is not None and name == "triangle" and seed == jobs[0][1]
+                and options is not None and options.image_shape is not None):
+            _plot_most_anomalous(method, split.X_test, scored[name], options.image_shape,
+                                 plot_dir / f"{dataset_of(target)}_{target}_seed{seed}_maps.png")
         for method_name, scores in scored.items():
             finite = np.isfinite(scores).all()
             metrics = (detection_metrics(split.y_test, scores) if finite

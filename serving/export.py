@@ -22,19 +22,20 @@ from training import AnomalyScorer
 from training.scorer import FLOAT64_BUFFERS
 
 GRAPHS = ("scorer", "encoder", "energy")
+SCORER_OUTPUTS = ("score_samples", "decision", "label", "p_value", "feature_scores")
 
 
 class FusedScorer(nn.Module):
-    """raw rows -> (score_samples, decision, label, p_value) with ``offset_`` and the
-    calibration scores inside the graph (p_value is NaN for an uncalibrated model)."""
+    """raw rows -> (score_samples, decision, label, p_value, feature_scores) with ``offset_``
+    and the calibration scores inside the graph (p_value is NaN for an uncalibrated model;
+    feature_scores has shape (batch, n_features))."""
 
     def __init__(self, scorer: AnomalyScorer, offset: float) -> None:
         super().__init__()
         self.scorer = scorer
         self.register_buffer("offset", torch.tensor(offset, dtype=torch.float64))
 
-    def forward(self, x: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         normality = -self.scorer(x)
         # A value beyond float32's range overflows the float32 networks into NaN; such a row
         # is as anomalous as a score can be, never an inlier (NaN < 0 would be False).
@@ -42,7 +43,8 @@ class FusedScorer(nn.Module):
                                 torch.full_like(normality, -torch.inf), normality)
         decision = normality - self.offset
         label = torch.where(decision < 0, -1, 1).to(torch.int64)
-        return normality, decision, label, self.scorer.p_values(-normality)
+        return (normality, decision, label, self.scorer.p_values(-normality),
+                self.scorer.feature_scores(x, -normality))
 
 
 class EncoderGraph(nn.Module):
@@ -82,7 +84,7 @@ def _graph(detector, graph: str) -> tuple[nn.Module, tuple, tuple[str, ...], tup
     x = torch.zeros(2, detector.n_features_in_, dtype=torch.float64)
     if graph == "scorer":
         return (FusedScorer(scorer, detector.offset_), (x,), ("x",),
-                ("score_samples", "decision", "label", "p_value"))
+                SCORER_OUTPUTS)
     if graph == "encoder":
         return EncoderGraph(scorer), (x,), ("x",), ("mu", "logvar")
     if graph == "energy":
@@ -104,7 +106,8 @@ def export_onnx(detector, path: str | Path, graph: str = "scorer",
     path : path-like
         Output file.
     graph : {"scorer", "encoder", "energy"}
-        ``scorer``: x -> score_samples, decision, label (the deployable model);
+        ``scorer``: x -> score_samples, decision, label, p_value, feature_scores (the
+        deployable model);
         ``encoder``: x -> mu, logvar; ``energy``: (x, z) -> E(x, z).
 
     Returns

@@ -1,8 +1,10 @@
 """MLflow integration: per-epoch tracking and a registry-ready pyfunc model.
 
 The pyfunc model's artifact is the fused ONNX scorer, so loading and serving it needs
-onnxruntime, not torch. ``predict`` returns a DataFrame with ``score_samples``, ``decision``
-and ``label``. Use a database backend (``mlflow.set_tracking_uri("sqlite:///mlflow.db")``);
+onnxruntime, not torch. ``predict`` returns a DataFrame with ``score_samples``, ``decision``,
+``label`` and ``p_value``; with the inference parameter ``feature_scores=True`` also a
+``feature_scores`` column holding, per row, each feature's part of the anomaly score (in the
+order of the input's columns). Use a database backend (``mlflow.set_tracking_uri("sqlite:///mlflow.db")``);
 MLflow's file store is deprecated.
 """
 
@@ -60,10 +62,19 @@ class OnnxScorerModel(mlflow.pyfunc.PythonModel):
         from mlflow.exceptions import MlflowException
         from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-        alpha = (params or {}).get("alpha")
+        params = params or {}
+        alpha = params.get("alpha")
         alpha = None if alpha is None or float(alpha) < 0 else float(alpha)
+        attribution = params.get("feature_scores", False)
+        if not isinstance(attribution, (bool, np.bool_)):
+            raise MlflowException(f"feature_scores must be true or false, got {attribution!r}",
+                                  error_code=INVALID_PARAMETER_VALUE)
         try:
-            return pd.DataFrame(self._runtime().score_all(model_input, alpha=alpha))
+            out = self._runtime().score_all(model_input, alpha=alpha,
+                                            feature_scores=bool(attribution))
+            if attribution:
+                out["feature_scores"] = list(out["feature_scores"])
+            return pd.DataFrame(out)
         except (ValueError, TypeError) as err:
             # The input is at fault (NaN, no rows, wrong width or columns): the REST server
             # answers 400 with this reason instead of a generic message and a stack trace.
@@ -119,8 +130,10 @@ def log_model(detector, name: str, registered_model_name: str | None = None,
             python_model=str(Path(__file__).with_name("mlflow_pyfunc_entry.py")),
             artifacts={ARTIFACT_KEY: str(onnx_path)},
             # alpha < 0 (the default) keeps the exported threshold; in (0, 1) a request
-            # flags p-values at most alpha (a calibrated model only).
-            signature=infer_signature(example, output, params={"alpha": -1.0}),
+            # flags p-values at most alpha (a calibrated model only). feature_scores=True
+            # adds each feature's part of the score.
+            signature=infer_signature(example, output,
+                                      params={"alpha": -1.0, "feature_scores": False}),
             input_example=example,
             registered_model_name=registered_model_name,
             **kwargs,

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.utils
 import onnxruntime as ort
 from google.protobuf.message import DecodeError
 from onnx import numpy_helper
@@ -20,6 +21,7 @@ from serving import metadata
 logger = logging.getLogger(__name__)
 
 PREFERRED_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
+ATTRIBUTION_OUTPUT = "feature_scores"
 
 
 def _cuda_driver_present() -> bool:
@@ -41,7 +43,7 @@ def default_providers() -> list[str]:
     return [p for p in PREFERRED_PROVIDERS if p in available] or ["CPUExecutionProvider"]
 
 
-def _verified_metadata(raw: bytes, source: str) -> dict[str, str]:
+def _verified_model(raw: bytes, source: str) -> tuple[onnx.ModelProto, dict[str, str]]:
     try:
         model = onnx.load_model_from_string(raw)
     except (DecodeError, ValueError, RuntimeError) as err:
@@ -69,7 +71,7 @@ def _verified_metadata(raw: bytes, source: str) -> dict[str, str]:
             model.graph.SerializeToString(deterministic=True), props):
         raise ValueError(f"{source}: the graph or its metadata do not match the checksum in "
                          "its metadata; the file was modified after export")
-    return props
+    return model, props
 
 
 def check_feature_names(columns, expected: tuple[str, ...] | None, owner: str) -> None:
@@ -169,11 +171,19 @@ class OnnxDetector:
     def __init__(self, path, providers=None, chunk_rows: int | None = None) -> None:
         self.path = Path(path)
         raw = self.path.read_bytes()
-        self.metadata_ = _verified_metadata(raw, str(self.path))
-        wanted = list(providers) if providers is not None else default_providers()
-        options = ort.SessionOptions()
-        options.log_severity_level = 3  # the CUDA-to-CPU fallback is reported in providers_
-        self.session_ = ort.InferenceSession(raw, sess_options=options, providers=wanted)
+        model, self.metadata_ = _verified_model(raw, str(self.path))
+        self._providers = list(providers) if providers is not None else default_providers()
+        outputs = [o.name for o in model.graph.output]
+        self._attribution_raw = None
+        if ATTRIBUTION_OUTPUT in outputs:
+            # ONNX Runtime runs every node of a graph whatever outputs are asked for, so the
+            # scores come from a copy of the graph without the attribution's extra passes.
+            self._attribution_raw = raw
+            scores_only = onnx.utils.Extractor(model).extract_model(
+                ["x"], [name for name in outputs if name != ATTRIBUTION_OUTPUT])
+            raw = scores_only.SerializeToString()
+        self._attribution_session = None
+        self.session_ = self._session(raw)
         self.providers_ = self.session_.get_providers()
         logger.info("ONNX Runtime providers: %s", self.providers_)
         self.n_calibration_ = int(self.metadata_.get("calibration_rows", "0"))
@@ -198,16 +208,36 @@ class OnnxDetector:
             self._feature_names = tuple(json.loads(self.metadata_["feature_names"]))
             self.feature_names_in_ = np.array(self._feature_names, dtype=object)
 
-    def _run(self, X) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def _session(self, raw: bytes) -> ort.InferenceSession:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # the CUDA-to-CPU fallback is reported in providers_
+        return ort.InferenceSession(raw, sess_options=options, providers=self._providers)
+
+    def _run(self, X, attribution: bool = False) -> list[np.ndarray]:
+        """score, decision, label, p_value and, with ``attribution``, feature_scores."""
         rows = validate_rows(X, self.n_features_in_, self._sample_shapes,
                              feature_names=self._feature_names)
-        parts = [self.session_.run(None, {"x": rows[i:i + self.chunk_rows]})
+        session = self.session_
+        if attribution:
+            if self._attribution_raw is None:
+                raise ValueError("this model was exported before feature_scores existed; "
+                                 "export it again with this version to get them")
+            if self._attribution_session is None:
+                self._attribution_session = self._session(self._attribution_raw)
+            session = self._attribution_session
+        parts = [session.run(None, {"x": rows[i:i + self.chunk_rows]})
                  for i in range(0, len(rows), self.chunk_rows)]
         columns = [np.concatenate(column) for column in zip(*parts, strict=True)]
         if len(columns) == 3:  # exported before p-values existed
             columns.append(np.full(len(rows), np.nan))
-        score, decision, label, p_value = columns
-        return score, decision, label, p_value
+        return columns
+
+    def feature_scores(self, X) -> np.ndarray:
+        """Each feature's part of the anomaly score, as
+        ``LatentEBMDetector.feature_scores``: the shape of ``X``, float64."""
+        maps = self._run(X, attribution=True)[4]
+        shape = np.shape(X)
+        return maps.reshape(shape) if len(shape) > 2 else maps
 
     def score_samples(self, X) -> np.ndarray:
         """Normality score, higher = more normal; shape (n_samples,), float64."""
@@ -237,14 +267,21 @@ class OnnxDetector:
                              "no p-values: calibrate the detector (calibrate(X_normal) or "
                              "calibration=0.2) and export it again")
 
-    def score_all(self, X, alpha: float | None = None) -> dict[str, np.ndarray]:
+    def score_all(self, X, alpha: float | None = None, feature_scores: bool = False
+                  ) -> dict[str, np.ndarray]:
         """score_samples, decision, label and p_value from one pass; with ``alpha`` the
-        label flags p-values at most ``alpha`` instead of the exported threshold."""
+        label flags p-values at most ``alpha`` instead of the exported threshold; with
+        ``feature_scores`` also each feature's part of the anomaly score, shape
+        (n_samples, n_features)."""
         if alpha is not None:
             check_alpha(alpha)
             self._check_calibrated()
-        score, decision, label, p_value = self._run(X)
+        columns = self._run(X, attribution=feature_scores)
+        score, decision, label, p_value = columns[:4]
         if alpha is not None:
             label = np.where(p_value <= alpha, -1, 1).astype(np.int64)
-        return {"score_samples": score, "decision": decision, "label": label,
-                "p_value": p_value}
+        out = {"score_samples": score, "decision": decision, "label": label,
+               "p_value": p_value}
+        if feature_scores:
+            out["feature_scores"] = columns[4]
+        return out

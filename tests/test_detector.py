@@ -35,6 +35,32 @@ def test_separates_a_shifted_cluster():
     assert (det.predict(far) == -1).mean() > 0.9
 
 
+def test_feature_scores_share_the_score_out_and_find_a_shifted_feature():
+    rng = np.random.RandomState(0)
+    loadings = rng.normal(size=(2, 8))
+    normal = rng.normal(size=(600, 2)) @ loadings + 0.1 * rng.normal(size=(600, 8))
+    det = LatentEBMDetector(latent_dim=2, width=32, epochs=20, random_state=0).fit(normal)
+    test = rng.normal(size=(50, 2)) @ loadings + 0.1 * rng.normal(size=(50, 8))
+    shifted = test.copy()
+    shifted[np.arange(50), np.arange(50) % 8] += 6 * normal.std(axis=0)[np.arange(50) % 8]
+    maps = det.feature_scores(shifted)
+    assert maps.shape == (50, 8)
+    np.testing.assert_allclose(maps.sum(axis=1), det.anomaly_score(shifted), rtol=1e-9)
+    assert (maps.argmax(axis=1) == np.arange(50) % 8).mean() >= 0.9
+    # in the score's units: the same feature of a normal row carries far less
+    column = np.arange(50) % 8
+    assert np.median(det.feature_scores(test)[np.arange(50), column]) < \
+        0.2 * np.median(maps[np.arange(50), column])
+
+
+def test_feature_scores_of_images_are_maps(images):
+    det = _fit(images)
+    assert det.feature_scores(images[:3]).shape == (3, 8, 8)
+    assert det.feature_scores(images[:3].reshape(3, 1, 8, 8)).shape == (3, 1, 8, 8)
+    with pytest.raises(ValueError, match="NaN"):
+        det.feature_scores(np.full((1, 8, 8), np.nan))
+
+
 @pytest.mark.parametrize("contamination", [0.05, 0.2])
 def test_contamination_sets_training_outlier_fraction(tabular, contamination):
     # A rule without the code bank: training rows score as they did when the offset was set.

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 import sys
 
 import mlflow
@@ -52,6 +53,21 @@ def test_pyfunc_takes_alpha_as_an_inference_parameter(tracking, detector):
     for alpha in (0.05, 0.5):
         out = model.predict(frame, params={"alpha": alpha})
         np.testing.assert_array_equal(out["label"], np.where(p_values <= alpha, -1, 1))
+
+
+def test_pyfunc_gives_feature_scores_when_asked(tracking, detector):
+    with mlflow.start_run():
+        info = log_model(detector, "m")
+    model = load_model(info.model_uri)
+    shifted = X[:10].copy()
+    shifted[:, 1] += 6.0
+    frame = pd.DataFrame(shifted, columns=[f"x{i}" for i in range(4)])
+    assert "feature_scores" not in model.predict(frame).columns
+    out = model.predict(frame, params={"feature_scores": True})
+    np.testing.assert_allclose(np.stack(out["feature_scores"]),
+                               detector.feature_scores(shifted), rtol=1e-5, atol=1e-5)
+    with pytest.raises(mlflow.exceptions.MlflowException, match="feature_scores"):
+        model.predict(frame, params={"feature_scores": "yes"})
 
 
 @pytest.mark.slow
@@ -150,6 +166,12 @@ def test_rest_serving_end_to_end(tracking, detector):
         p_values = detector.p_values(fresh)
         np.testing.assert_allclose(got["p_value"], p_values, rtol=1e-5)
         np.testing.assert_array_equal(got["label"], np.where(p_values <= 0.3, -1, 1))
+        explained = requests.post(f"{base}/invocations", timeout=30, json={
+            **with_alpha, "params": {"feature_scores": True}})
+        assert explained.status_code == 200, explained.text
+        got = pd.DataFrame(explained.json()["predictions"])
+        np.testing.assert_allclose(np.array(got["feature_scores"].tolist()),
+                                   detector.feature_scores(fresh), rtol=1e-5, atol=1e-5)
         assert requests.get(f"{base}/ping", timeout=5).status_code == 200
         again = requests.post(f"{base}/invocations", json=payload, timeout=30)
         assert again.status_code == 200
@@ -176,3 +198,28 @@ def test_spark_udf_scores_like_local(tracking, detector, monkeypatch):
                                rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(scored["label"], detector.predict(X))
     assert list(scored.columns[:4]) == [f"x{i}" for i in range(4)]
+
+
+def test_bench_logs_its_tables_to_mlflow(tracking, tmp_path):
+    from evaluation import cli
+
+    for suite, extra in (("quick", ["--classes", "1", "--methods", "triangle,lof"]),
+                         ("calibration", ["--classes", "3", "--seeds", "0"])):
+        args = ["bench", "--suite", suite, "--epochs", "1", "--out", str(tmp_path),
+                "--mlflow-experiment", "bench", *extra]
+        assert cli.main(args) == 0
+    runs = {run.data.params["suite"]: run for run in mlflow.search_runs(
+        experiment_names=["bench"], output_format="list")}
+    summary = pd.read_csv(tmp_path / "quick" / "summary.csv", index_col=0)
+    quick = runs["quick"].data.metrics
+    assert quick["summary/triangle/auroc_mean"] == pytest.approx(
+        summary.loc["triangle", "auroc_mean"])
+    assert quick["summary/lof/auprc_mean"] == pytest.approx(summary.loc["lof", "auprc_mean"])
+    calibration = pd.read_csv(tmp_path / "calibration" / "summary.csv", index_col=0)
+    key = "digits, estimator, alpha=0.05"
+    assert runs["calibration"].data.metrics[
+        "summary/digits_estimator_alpha_0.05/false_alarm_mean"] == \
+        pytest.approx(calibration.loc[key, "false_alarm_mean"])
+    artifacts = {Path(a.path).name for a in MlflowClient().list_artifacts(
+        runs["quick"].info.run_id, "results")}
+    assert {"summary.csv", "digits.csv"} <= artifacts

@@ -131,3 +131,4 @@ def test_images_suite_from_an_npz_file(tmp_path, capsys):
     table = pd.read_csv(tmp_path / "images" / "summary.csv", index_col=0)
     assert {"triangle", "lof", "pyod_ecod"} <= set(table.index)
     assert (tmp_path / "images" / "toy_2_seed0_roc_pr.png").is_file()
+    assert (tmp_path / "images" / "toy_2_seed0_maps.png").stat().st_size > 1000

@@ -53,6 +53,9 @@ def test_onnx_matches_the_estimator(exported, kind, n):
                                rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(runtime.predict(X), det.predict(X))
     np.testing.assert_allclose(runtime.anomaly_score(X), -want, rtol=1e-5, atol=1e-5)
+    maps = runtime.feature_scores(X)
+    assert maps.shape == X.shape
+    np.testing.assert_allclose(maps, det.feature_scores(X), rtol=1e-5, atol=1e-5)
 
 
 def test_metadata_round_trip(exported):
@@ -229,6 +232,8 @@ def test_every_score_rule_exports_with_parity(tmp_path, rule):
     X = _fresh("tabular", 50)
     np.testing.assert_allclose(runtime.score_samples(X), det.score_samples(X),
                                rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(runtime.feature_scores(X), det.feature_scores(X),
+                               rtol=1e-5, atol=1e-5)
     assert runtime.score_rule_ == rule
 
 
@@ -245,6 +250,11 @@ def test_values_beyond_float32_are_outliers_on_every_path(exported, value):
         assert model.predict(X)[1] == -1
     np.testing.assert_allclose(runtime.score_samples(X), det.score_samples(X), rtol=1e-5)
     np.testing.assert_array_equal(runtime.predict(X), det.predict(X))
+    for model in (det, runtime):
+        # the whole infinite score sits on the value that caused it
+        maps = model.feature_scores(X)
+        assert maps[1, 2] == np.inf and (maps[1, np.arange(6) != 2] == 0).all()
+        assert np.isfinite(maps[[0, 2]]).all()
 
 
 def test_column_names_are_checked_on_every_path(tmp_path, capsys):

@@ -33,6 +33,10 @@ FLOAT64_BUFFERS = ("shift", "scale", "code_bank", "fusion_center", "fusion_sprea
 CALIBRATION_ROWS = 10_000
 # Neighbours of the latent_knn rule (the usual k of kNN detectors, PyOD's default).
 N_NEIGHBORS = 5
+# Attribution: the share of features treated as suspect and replaced by the model's own
+# reconstruction before re-encoding, and how many such rounds (see feature_scores).
+SUSPECT_FRACTION = 0.1
+ATTRIBUTION_ROUNDS = 2
 
 
 class AnomalyScorer(nn.Module):
@@ -179,6 +183,43 @@ class AnomalyScorer(nn.Module):
         squared = torch.where(squared < 1e-10 * norms, torch.zeros_like(squared), squared)
         nearest = torch.topk(squared, n_nearest, dim=1, largest=False).values
         return nearest[:, skip:].sqrt().mean(1)
+
+    def normal_counterpart(self, x: torch.Tensor) -> torch.Tensor:
+        """What the model would draw in place of ``x`` ``(n, *input_shape)`` (model space) if
+        it were normal, same shape: the reconstruction, re-encoded ``ATTRIBUTION_ROUNDS``
+        times with the ``SUSPECT_FRACTION`` worst-reconstructed features of each row replaced
+        by the current reconstruction. A plain reconstruction pulls the code towards the
+        anomalous part of a row (an implanted patch, one shifted feature) and smears the
+        residual over the rest; filling in the suspect features, as the triangle's inpainting
+        does for missing ones, keeps the code on the normal part."""
+        flat = x.flatten(1)
+        n_suspect = max(1, round(SUSPECT_FRACTION * flat.shape[1]))
+        x_hat = self.generator(self.encoder(x)[0]).flatten(1)
+        for _ in range(ATTRIBUTION_ROUNDS):
+            residual = (flat - x_hat).pow(2)
+            cutoff = torch.topk(residual, n_suspect, dim=1).values[:, -1:]
+            filled = torch.where(residual >= cutoff, x_hat, flat).reshape(x.shape)
+            x_hat = self.generator(self.encoder(filled)[0]).flatten(1)
+        return x_hat.reshape(x.shape)
+
+    def feature_scores(self, x_raw: torch.Tensor, anomaly: torch.Tensor) -> torch.Tensor:
+        """Each feature's part of the anomaly score ``anomaly`` ``(n,)`` of the raw rows
+        ``x_raw`` ``(n, n_features)``: shape ``(n, n_features)``, rows summing to ``anomaly``.
+
+        The score is shared out in proportion to each feature's squared standardised residual
+        against :meth:`normal_counterpart`, so a feature's value says how much of this row's
+        anomaly score sits there, in the score's own units, comparable across rows (a normal
+        row's features all get little). A row whose preprocessed values overflow float32 (an
+        infinite score) puts it all on those values."""
+        x = self.preprocess(x_raw)
+        x_net = x.to(self.encoder.mu.weight.dtype)
+        counterpart = self.normal_counterpart(x_net).to(x.dtype)
+        residual = (x - counterpart).flatten(1).pow(2)
+        share = residual / residual.sum(1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+        huge = (x.flatten(1).abs() > torch.finfo(torch.float32).max).to(x.dtype)
+        beyond = huge.sum(1, keepdim=True) > 0
+        share = torch.where(beyond, huge / huge.sum(1, keepdim=True).clamp_min(1.0), share)
+        return torch.where(share > 0, anomaly[:, None] * share, torch.zeros_like(share))
 
     def scores(self, x_raw: torch.Tensor, rules: tuple[str, ...] = SCORE_RULES,
                leave_one_out: bool = False) -> dict[str, torch.Tensor]:
