@@ -180,8 +180,8 @@ def run_bench(args: argparse.Namespace) -> int:
         else:
             images = np.random.RandomState(0).randint(0, 256, (10000, 28, 28)).astype(np.uint8)
         table = speed.training_throughput(images)
-        write_tables({"throughput": table.set_index("objective")}, out)
-        print(markdown(table.set_index("objective")))
+        write_tables({"throughput": table.set_index("variant")}, out)
+        print(markdown(table.set_index("variant")))
         return 0
     if args.suite == "serving":
         from evaluation.serving_speed import serving_speed

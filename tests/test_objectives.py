@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -9,6 +11,9 @@ from training.loop import (
     encoder_generator_losses,
     encoder_generator_update,
     extra_negatives,
+    select_step,
+    simultaneous_triangle_step,
+    triangle_step,
 )
 
 
@@ -165,3 +170,57 @@ def test_trimmed_loss_ignores_the_trimmed_rows():
     pairs = draw_pairs(nets, x, torch.Generator().manual_seed(0), untrimmed)
     assert pairs.weights is None
     assert encoder_generator_losses(nets, x, pairs, untrimmed)["fused"].item() != losses[0]
+
+
+def test_simultaneous_step_gives_each_network_its_own_loss_gradient_at_the_old_critic():
+    nets, opts, config, x = _setup()
+    nets.train(False)  # no spectral-norm power iteration: every critic call sees one weight
+    reference = copy.deepcopy(nets)
+    pairs = draw_pairs(reference, x, torch.Generator().manual_seed(3), config)
+    critic = list(reference.energy.parameters())
+    energy_data = reference.energy(x, pairs.z_q.detach())
+    energy_model = reference.energy(pairs.x_p.detach(), pairs.z_p)
+    want_critic = torch.autograd.grad(
+        objectives.ebm_loss(energy_data, energy_model, pairs.weights), critic)
+    fused = encoder_generator_losses(reference, x, pairs, config)["fused"]
+    want_rest = torch.autograd.grad(fused, list(reference.encoder.parameters())
+                                    + list(reference.generator.parameters()))
+
+    simultaneous_triangle_step(nets, opts, x, config, torch.Generator().manual_seed(3))
+    got_critic = [p.grad for p in nets.energy.parameters()]
+    got_rest = [p.grad for p in (*nets.encoder.parameters(), *nets.generator.parameters())]
+    for got, want in zip(got_critic + got_rest, list(want_critic) + list(want_rest),
+                         strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for name, module in nets.named():
+        assert _changed(module, _params(getattr(reference, name)))
+
+
+def test_critic_every_k_moves_the_critic_on_every_kth_minibatch_only():
+    nets, _, _, x = _setup()
+    config = TrainConfig(grad_clip=None, critic_every=3)
+    opts = Optimizers.create(nets, config)
+    moved = []
+    for _ in range(6):
+        before = _params(nets.energy)
+        metrics = triangle_step(nets, opts, x, config)
+        moved.append(_changed(nets.energy, before))
+        assert ("loss_ebm" in metrics) == moved[-1]
+    assert moved == [True, False, False, True, False, False]
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"update_order": "sideways"}, "update_order"), ({"critic_every": 0}, "critic_every"),
+    ({"critic_every": 2, "update_order": "simultaneous"}, "alternating"),
+    ({"precision": "float16"}, "precision")])
+def test_bad_update_options_are_refused(options, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**options)
+
+
+def test_bfloat16_training_keeps_float32_parameters_and_finite_losses():
+    nets, _, _, x = _setup()
+    config = TrainConfig(precision="bfloat16")
+    metrics = select_step(config)(nets, Optimizers.create(nets, config), x, config)
+    assert all(torch.isfinite(v) for v in metrics.values())
+    assert all(p.dtype == torch.float32 for _, m in nets.named() for p in m.parameters())

@@ -78,6 +78,8 @@ class NetworkConfig:
 
 # Pairs the critic pushes up besides the generator's (see training.loop.extra_negatives).
 CRITIC_NEGATIVES = ("mismatch", "wide")
+UPDATE_ORDERS = ("alternating", "simultaneous")
+PRECISIONS = ("float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,11 @@ class TrainConfig:
     (the last epoch is then partial). ``critic_negatives`` names extra pairs the critic
     pushes up besides the generator's: any of ``CRITIC_NEGATIVES``. ``trim_fraction`` of each
     minibatch's rows, those reconstructed worst, are left out of every loss's data terms.
+    ``update_order`` is ``"alternating"`` (the authors' order: the critic, then the encoder and
+    generator against the updated critic) or ``"simultaneous"`` (one critic pass, all three
+    stepped together); ``critic_every`` = k updates the critic on every k-th minibatch only
+    (alternating order). ``precision`` ``"bfloat16"`` runs the forward passes under bfloat16
+    autocast (parameters and optimiser state stay float32).
     """
 
     objective: str = "triangle"
@@ -109,6 +116,9 @@ class TrainConfig:
     max_seconds: float | None = None
     critic_negatives: tuple[str, ...] = ()
     trim_fraction: float = 0.0
+    update_order: str = "alternating"
+    critic_every: int = 1
+    precision: str = "float32"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
@@ -131,5 +141,15 @@ class TrainConfig:
             raise ValueError(f"max_seconds must be positive, got {self.max_seconds}")
         if not 0.0 <= self.trim_fraction < 1.0:
             raise ValueError(f"trim_fraction must be in [0, 1), got {self.trim_fraction}")
+        if self.update_order not in UPDATE_ORDERS:
+            raise ValueError(f"update_order must be one of {UPDATE_ORDERS}, got "
+                             f"{self.update_order!r}")
+        if isinstance(self.critic_every, bool) or int(self.critic_every) != self.critic_every \
+                or self.critic_every < 1:
+            raise ValueError(f"critic_every must be a positive integer, got {self.critic_every!r}")
+        if self.critic_every > 1 and self.update_order != "alternating":
+            raise ValueError("critic_every > 1 needs update_order='alternating'")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.decoder_sigma <= 0:
             raise ValueError(f"decoder_sigma must be positive, got {self.decoder_sigma}")

@@ -220,16 +220,78 @@ def triangle_step(
     generator: torch.Generator | None = None,
 ) -> dict[str, torch.Tensor]:
     """One divergence-triangle update on a minibatch in the authors' order (EBM, encoder,
-    generator). Returns detached scalar metrics."""
+    generator); with ``config.critic_every`` = k the critic moves on every k-th minibatch
+    only. Returns detached scalar metrics."""
     pairs = draw_pairs(networks, x, generator, config)
-    loss_ebm = ebm_update(networks, optimizers, x, pairs, config)
+    critic_moves = (config.critic_every == 1
+                    or _updates_done(optimizers.encoder) % config.critic_every == 0)
+    loss_ebm = ebm_update(networks, optimizers, x, pairs, config) if critic_moves else None
     losses = encoder_generator_update(networks, optimizers, x, pairs, config)
+    return _triangle_metrics(x, pairs, loss_ebm, losses["inference"].detach(),
+                             losses["energy_data"].detach(), losses["energy_model"].detach(),
+                             config)
+
+
+def simultaneous_triangle_step(
+    networks: Networks,
+    optimizers: Optimizers,
+    x: torch.Tensor,
+    config: TrainConfig,
+    generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor]:
+    """One divergence-triangle update with the three networks moved together: one critic
+    forward pass over the data and model pairs serves both the critic's loss (gradients in
+    its parameters only) and the encoder and generator's (gradients in theirs only), as in
+    simultaneous-gradient GAN training. Unlike :func:`triangle_step`, the encoder and
+    generator see the critic before this step's update."""
+    pairs = draw_pairs(networks, x, generator, config)
+    energy = networks.energy
+    n = x.shape[0]
+    with parametrize.cached():
+        # The data half needs no gradient in x; the critic's parameters get theirs from both.
+        energies = energy(torch.cat([x, pairs.x_p]), torch.cat([pairs.z_q, pairs.z_p]))
+        energy_data, energy_model = energies[:n], energies[n:]
+        critic_model = energy_model
+        extra = extra_negatives(networks, x, pairs, config.critic_negatives)
+        if extra is not None:
+            critic_model = torch.cat([energy_model, energy(*extra)])
+        # The critic's loss reads the same energies with its inputs' gradients cut off.
+        loss_ebm = objectives.ebm_loss(energy_data, critic_model, pairs.weights)
+        critic_params = list(energy.parameters())
+        critic_grads = torch.autograd.grad(loss_ebm, critic_params, retain_graph=True)
+        loss_inference = objectives.inference_loss(
+            x, pairs.x_rec, pairs.z_q, pairs.logvar, energy_data, config.decoder_sigma,
+            config.inference_loss, pairs.weights)
+        fused = loss_inference + energy_model.mean()
+        for optimizer in optimizers.all():
+            optimizer.zero_grad(set_to_none=True)
+        fused.backward(inputs=list(networks.encoder.parameters())
+                       + list(networks.generator.parameters()))
+    for param, grad in zip(critic_params, critic_grads, strict=True):
+        param.grad = grad
+    for module in (networks.encoder, networks.generator, energy):
+        _clip(module, config.grad_clip)
+    for optimizer in optimizers.all():
+        optimizer.step()
+    return _triangle_metrics(x, pairs, loss_ebm.detach(), loss_inference.detach(),
+                             energy_data.detach(), energy_model.detach(), config)
+
+
+def _updates_done(optimizer: torch.optim.Optimizer) -> int:
+    """Steps ``optimizer`` has taken: part of its state, so it survives checkpoints."""
+    for state in optimizer.state.values():
+        return int(state["step"])
+    return 0
+
+
+def _triangle_metrics(x, pairs: Pairs, loss_ebm, loss_inference, energy_data, energy_model,
+                      config: TrainConfig) -> dict[str, torch.Tensor]:
     with torch.no_grad():
         recon = objectives.reconstruction_nll(x, pairs.x_rec, config.decoder_sigma).mean()
-        energy_data, energy_model = losses["energy_data"].mean(), losses["energy_model"].mean()
-        return {
-            "loss_ebm": loss_ebm,
-            "loss_inference": losses["inference"].detach(),
+        energy_data, energy_model = energy_data.mean(), energy_model.mean()
+        # a minibatch on which the critic did not move reports no critic loss
+        return ({} if loss_ebm is None else {"loss_ebm": loss_ebm}) | {
+            "loss_inference": loss_inference,
             "loss_generator": recon + energy_model,
             "reconstruction": recon,
             "energy_data": energy_data,
@@ -284,6 +346,24 @@ def _restore(snapshot: _Snapshot, networks: Networks, optimizers: Optimizers,
         scheduler.load_state_dict(state)
 
 
+def select_step(config: TrainConfig):
+    """The update function ``config`` asks for, under bfloat16 autocast where asked."""
+    if config.objective == "vae":
+        step = vae_step
+    elif config.update_order == "simultaneous":
+        step = simultaneous_triangle_step
+    else:
+        step = triangle_step
+    if config.precision == "float32":
+        return step
+
+    def mixed_precision_step(networks, optimizers, x, config, generator=None):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            return step(networks, optimizers, x, config, generator)
+
+    return mixed_precision_step
+
+
 def _run_epoch(step, networks, optimizers, data, config, generator, deadline: float | None
                ) -> dict[str, float] | None:
     """One pass over ``data`` in a random order, cut short after the minibatch that crosses
@@ -292,6 +372,7 @@ def _run_epoch(step, networks, optimizers, data, config, generator, deadline: fl
     n = data.shape[0]
     order = torch.randperm(n, generator=generator, device=data.device)
     totals: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
     n_batches = 0
     starts = range(0, n, config.batch_size)
     for start in starts:
@@ -301,10 +382,11 @@ def _run_epoch(step, networks, optimizers, data, config, generator, deadline: fl
             return None
         for key, value in metrics.items():
             totals[key] = totals.get(key, 0.0) + value
+            counts[key] = counts.get(key, 0) + 1
         n_batches += 1
         if deadline is not None and time.perf_counter() > deadline:
             break
-    out = {key: float(value) / n_batches for key, value in totals.items()}
+    out = {key: float(value) / counts[key] for key, value in totals.items()}
     out["batches_fraction"] = n_batches / len(starts)
     return out
 
@@ -342,7 +424,7 @@ def train_networks(
     """
     if (config.objective == "triangle") != (networks.energy is not None):
         raise ValueError("the triangle objective needs an energy network; the VAE has none")
-    step = triangle_step if config.objective == "triangle" else vae_step
+    step = select_step(config)
     data = use_training_layout(networks, data)
     optimizers = Optimizers.create(networks, config)
     schedulers = [torch.optim.lr_scheduler.ExponentialLR(o, config.lr_decay)
