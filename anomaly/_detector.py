@@ -145,6 +145,18 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
         Fraction of each minibatch, the rows reconstructed worst, left out of the losses'
         data terms, so that anomalies in unlabelled training data are not learnt as normal
         (ADBench's training splits hold 1-30% anomalies); 0 trains on every row.
+    update_order : {"alternating", "simultaneous"}, default="alternating"
+        ``"alternating"`` is the authors' order: the critic's step, then the encoder and
+        generator against the updated critic. ``"simultaneous"`` computes all three losses from
+        one critic pass and steps the three networks together (faster per step; see the
+        README's throughput table).
+    critic_every : int, default=1
+        Update the critic on every k-th minibatch only (alternating order); the encoder and
+        generator move on every minibatch.
+    training_precision : {"float32", "bfloat16"}, default="float32"
+        ``"bfloat16"`` runs training's forward passes under bfloat16 autocast (fast on CPUs
+        with AMX or AVX-512 BF16 and on recent GPUs); parameters, optimiser state and scoring
+        stay in full precision.
     device : str, default="auto"
         Training device: "auto", "cpu", "cuda" or "cuda:N".
     random_state : int, RandomState instance or None, default=None
@@ -203,6 +215,9 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
         calibration: float | None = None,
         critic_negatives: Sequence[str] = (),
         trim_fraction: float = 0.05,
+        update_order: str = "alternating",
+        critic_every: int = 1,
+        training_precision: str = "float32",
         device: str = "auto",
         random_state=None,
         verbose: int = 0,
@@ -229,6 +244,9 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
         self.calibration = calibration
         self.critic_negatives = critic_negatives
         self.trim_fraction = trim_fraction
+        self.update_order = update_order
+        self.critic_every = critic_every
+        self.training_precision = training_precision
         self.device = device
         self.random_state = random_state
         self.verbose = verbose
@@ -307,6 +325,9 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
             decoder_sigma=float(self.decoder_sigma),
             critic_negatives=self.critic_negatives,
             trim_fraction=float(self.trim_fraction),
+            update_order=self.update_order,
+            critic_every=self.critic_every,
+            training_precision=self.training_precision,
             max_seconds=(None if self.max_training_seconds is None
                          else float(self.max_training_seconds)),
         )

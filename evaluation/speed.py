@@ -20,9 +20,10 @@ VARIANTS = {
     "triangle, simultaneous": {"update_order": "simultaneous"},
     "triangle, critic every 2": {"critic_every": 2},
     "triangle, critic every 3": {"critic_every": 3},
-    "vae, bf16": {"objective": "vae", "precision": "bfloat16"},
-    "triangle, bf16": {"precision": "bfloat16"},
-    "triangle, simultaneous, bf16": {"update_order": "simultaneous", "precision": "bfloat16"},
+    "vae, bf16": {"objective": "vae", "training_precision": "bfloat16"},
+    "triangle, bf16": {"training_precision": "bfloat16"},
+    "triangle, simultaneous, bf16": {"update_order": "simultaneous",
+                                     "training_precision": "bfloat16"},
 }
 
 
@@ -104,7 +105,7 @@ def training_throughput(
     rows = []
     for name, values in runs.items():
         rate = float(np.median(values))
-        precision = variants[name].get("precision", "float32")
+        precision = variants[name].get("training_precision", "float32")
         achieved = flops[name] * rate / batch_size / 1e9
         rows.append({"variant": name, "samples_per_s": rate, "ratio_to_vae": rate / reference,
                      "gflop_per_step": flops[name] / 1e9, "achieved_gflops": achieved,

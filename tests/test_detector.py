@@ -326,6 +326,10 @@ def test_bad_scoring_input(tabular, images):
     ({"energy_scale": np.nan}, "energy_scale must be a positive finite"),
     ({"width": True}, "width must be None or a positive int"),
     ({"energy_width": False}, "energy_width must be None or a positive int"),
+    ({"update_order": "random"}, "update_order"),
+    ({"critic_every": 1.5}, "critic_every"),
+    ({"critic_every": True}, "critic_every"),
+    ({"training_precision": "half"}, "training_precision"),
 ])
 def test_bad_parameters(images, params, message):
     X = images.reshape(len(images), -1)

@@ -212,7 +212,7 @@ def test_critic_every_k_moves_the_critic_on_every_kth_minibatch_only():
 @pytest.mark.parametrize("options, message", [
     ({"update_order": "sideways"}, "update_order"), ({"critic_every": 0}, "critic_every"),
     ({"critic_every": 2, "update_order": "simultaneous"}, "alternating"),
-    ({"precision": "float16"}, "precision")])
+    ({"training_precision": "float16"}, "training_precision")])
 def test_bad_update_options_are_refused(options, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(**options)
@@ -220,7 +220,7 @@ def test_bad_update_options_are_refused(options, message):
 
 def test_bfloat16_training_keeps_float32_parameters_and_finite_losses():
     nets, _, _, x = _setup()
-    config = TrainConfig(precision="bfloat16")
+    config = TrainConfig(training_precision="bfloat16")
     metrics = select_step(config)(nets, Optimizers.create(nets, config), x, config)
     assert all(torch.isfinite(v) for v in metrics.values())
     assert all(p.dtype == torch.float32 for _, m in nets.named() for p in m.parameters())

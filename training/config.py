@@ -97,8 +97,8 @@ class TrainConfig:
     ``update_order`` is ``"alternating"`` (the authors' order: the critic, then the encoder and
     generator against the updated critic) or ``"simultaneous"`` (one critic pass, all three
     stepped together); ``critic_every`` = k updates the critic on every k-th minibatch only
-    (alternating order). ``precision`` ``"bfloat16"`` runs the forward passes under bfloat16
-    autocast (parameters and optimiser state stay float32).
+    (alternating order). ``training_precision`` ``"bfloat16"`` runs the forward passes under
+    bfloat16 autocast (parameters and optimiser state stay float32).
     """
 
     objective: str = "triangle"
@@ -118,7 +118,7 @@ class TrainConfig:
     trim_fraction: float = 0.0
     update_order: str = "alternating"
     critic_every: int = 1
-    precision: str = "float32"
+    training_precision: str = "float32"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
@@ -149,7 +149,8 @@ class TrainConfig:
             raise ValueError(f"critic_every must be a positive integer, got {self.critic_every!r}")
         if self.critic_every > 1 and self.update_order != "alternating":
             raise ValueError("critic_every > 1 needs update_order='alternating'")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.training_precision not in PRECISIONS:
+            raise ValueError(f"training_precision must be one of {PRECISIONS}, got "
+                             f"{self.training_precision!r}")
         if self.decoder_sigma <= 0:
             raise ValueError(f"decoder_sigma must be positive, got {self.decoder_sigma}")

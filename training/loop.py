@@ -354,7 +354,7 @@ def select_step(config: TrainConfig):
         step = simultaneous_triangle_step
     else:
         step = triangle_step
-    if config.precision == "float32":
+    if config.training_precision == "float32":
         return step
 
     def mixed_precision_step(networks, optimizers, x, config, generator=None):
