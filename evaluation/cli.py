@@ -1,6 +1,7 @@
 """The ``divtri`` command line.
 
 ``divtri bench``   run a benchmark suite and write tables;
+``divtri fit``     data file -> saved detector (optionally logged to MLflow);
 ``divtri export``  saved detector -> .onnx;
 ``divtri score``   .onnx or saved detector + data file -> CSV of scores and labels.
 
@@ -123,6 +124,40 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also log the run to this MLflow experiment (tracking server "
                             "from MLFLOW_TRACKING_URI): the options, every number of the "
                             "tables (AUROC, AUPRC, false-alarm rates, ...) and the files")
+
+    fit = commands.add_parser("fit", help="fit a detector on a data file and save it")
+    fit.add_argument("data", type=Path, help=".npy, .npz, .csv or .parquet of normal samples "
+                                             "(rows, or images (n, H, W))")
+    fit.add_argument("--out", type=Path, required=True,
+                     help="model directory to write (as detector.save(); then divtri export "
+                          "or divtri score)")
+    fit.add_argument("--drop-columns", type=_names, default=[],
+                     help="comma-separated columns of a table that are not features")
+    fit.add_argument("--objective", choices=("triangle", "vae"), default=None)
+    fit.add_argument("--score-rule", default=None, help="auto (default), fused, latent_knn, "
+                                                        "joint, reconstruction, energy, elbo")
+    fit.add_argument("--epochs", type=int, default=None)
+    fit.add_argument("--max-training-minutes", type=float, default=None,
+                     help="stop training after this many minutes")
+    fit.add_argument("--image-shape", type=_ints, default=None,
+                     help="for flat rows that are images, e.g. 28,28 or 3,32,32")
+    fit.add_argument("--latent-dim", type=int, default=None)
+    fit.add_argument("--calibration", type=float, default=None,
+                     help="fraction of rows held out to calibrate p-values, e.g. 0.2")
+    fit.add_argument("--alpha", type=float, default=None,
+                     help="flag p-values at most ALPHA (with --calibration)")
+    fit.add_argument("--contamination", default=None, help="auto or a fraction in (0, 0.5]")
+    fit.add_argument("--random-state", type=int, default=None)
+    fit.add_argument("--params", type=_json_object, default={},
+                     help="JSON object of any other LatentEBMDetector parameters")
+    fit.add_argument("--checkpoint-dir", type=Path, default=None,
+                     help="write training checkpoints here; with --resume, continue from them")
+    fit.add_argument("--resume", action="store_true")
+    fit.add_argument("--mlflow-experiment", default=None,
+                     help="log the fit (parameters, per-epoch metrics, the ONNX-backed "
+                          "model) to this MLflow experiment")
+    fit.add_argument("--register", default=None,
+                     help="also register the logged model under this name")
 
     export = commands.add_parser("export", help="export a saved detector to ONNX")
     export.add_argument("model", type=Path, help="directory written by detector.save()")
@@ -437,6 +472,23 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _fit_params(args: argparse.Namespace) -> dict:
+    """The estimator's parameters from ``divtri fit``'s options (a progress bar by default)."""
+    params = {"verbose": 1, **args.params}
+    options = {"objective": args.objective, "score_rule": args.score_rule,
+               "epochs": args.epochs, "image_shape": args.image_shape,
+               "latent_dim": args.latent_dim, "calibration": args.calibration,
+               "alpha": args.alpha, "random_state": args.random_state}
+    params.update({k: v for k, v in options.items() if v is not None})
+    if args.max_training_minutes is not None:
+        params["max_training_seconds"] = 60.0 * args.max_training_minutes
+        params.setdefault("epochs", 1000)
+    if args.contamination is not None:
+        params["contamination"] = (args.contamination if args.contamination == "auto"
+                                   else float(args.contamination))
+    return params
+
+
 def _run_command(args: argparse.Namespace) -> int:
     if args.command == "bench":
         import time
@@ -450,6 +502,16 @@ def _run_command(args: argparse.Namespace) -> int:
                                    Path(args.out) / args.suite, started)
             print(f"logged to MLflow experiment {args.mlflow_experiment!r}, run {run_id}")
         return code
+    if args.command == "fit":
+        from serving.commands import fit_command
+
+        detector = fit_command(args.data, args.out, _fit_params(args),
+                               drop_columns=args.drop_columns,
+                               checkpoint_dir=args.checkpoint_dir, resume=args.resume,
+                               mlflow_experiment=args.mlflow_experiment, register=args.register)
+        print(f"fitted on {detector.n_features_in_} features, "
+              f"{len(detector.training_history_)} epochs -> {args.out}")
+        return 0
     if args.command == "export":
         from serving.commands import export_command
 

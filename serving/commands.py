@@ -1,4 +1,4 @@
-"""The ``divtri export`` and ``divtri score`` commands."""
+"""The ``divtri fit``, ``divtri export`` and ``divtri score`` commands."""
 
 from __future__ import annotations
 
@@ -7,6 +7,45 @@ from pathlib import Path
 import numpy as np
 
 from serving.data_files import read_rows
+
+
+def fit_command(data: Path, out: Path, params: dict, *, drop_columns=(),
+                checkpoint_dir: Path | None = None, resume: bool = False,
+                mlflow_experiment: str | None = None, register: str | None = None):
+    """Fit a detector with ``params`` on the samples in ``data`` (read as ``divtri score``
+    reads them) and save it to ``out``; with ``mlflow_experiment``, inside an MLflow run
+    (parameters, per-epoch metrics, the ONNX-backed model, registered as ``register``).
+    ``drop_columns`` are left out of a table (ids, labels). Returns the fitted detector."""
+    from anomaly import LatentEBMDetector
+
+    if register is not None and mlflow_experiment is None:
+        raise ValueError("--register needs --mlflow-experiment")
+    rows = read_rows(data)
+    if drop_columns:
+        if not hasattr(rows, "drop"):
+            raise ValueError(f"--drop-columns needs a CSV or parquet file with column names; "
+                             f"{data} has none")
+        missing = [c for c in drop_columns if c not in rows.columns]
+        if missing:
+            raise ValueError(f"--drop-columns {missing} are not columns of {data}: "
+                             f"{[str(c) for c in rows.columns]}")
+        rows = rows.drop(columns=list(drop_columns))
+    detector = LatentEBMDetector(**params)
+    fit_params = {} if checkpoint_dir is None else {"checkpoint_dir": checkpoint_dir,
+                                                    "resume": resume}
+    if mlflow_experiment is None:
+        detector.fit(rows, **fit_params)
+    else:
+        import mlflow
+
+        from serving.mlflow_model import fit_logged
+
+        mlflow.set_experiment(mlflow_experiment)
+        with mlflow.start_run(run_name=f"fit {Path(data).name}"):
+            mlflow.log_param("data", str(data))
+            fit_logged(detector, rows, registered_model_name=register, **fit_params)
+    detector.save(out)
+    return detector
 
 
 def export_command(model_dir: Path, out: Path, graph: str = "scorer") -> Path:

@@ -223,3 +223,24 @@ def test_bench_logs_its_tables_to_mlflow(tracking, tmp_path):
     artifacts = {Path(a.path).name for a in MlflowClient().list_artifacts(
         runs["quick"].info.run_id, "results")}
     assert {"summary.csv", "digits.csv"} <= artifacts
+
+
+def test_fit_command_logs_and_registers(tracking, tmp_path, capsys):
+    from evaluation import cli
+
+    np.save(tmp_path / "train.npy", X)
+    args = ["fit", str(tmp_path / "train.npy"), "--out", str(tmp_path / "model"),
+            "--epochs", "2", "--random-state", "0",
+            "--params", '{"width": 8, "depth": 1, "latent_dim": 2}',
+            "--mlflow-experiment", "fits", "--register", "from-cli"]
+    assert cli.main(args) == 0
+    run, = mlflow.search_runs(experiment_names=["fits"], output_format="list")
+    assert run.data.params["epochs"] == "2"
+    assert "reconstruction" in run.data.metrics
+    detector = LatentEBMDetector.load(tmp_path / "model")
+    served = load_model("models:/from-cli/1").predict(
+        pd.DataFrame(X[:5], columns=[f"x{i}" for i in range(4)]))
+    np.testing.assert_allclose(served["score_samples"], detector.score_samples(X[:5]),
+                               rtol=1e-5, atol=1e-5)
+    assert cli.main([*args[:-4], "--register", "x"]) == 2
+    assert "needs --mlflow-experiment" in capsys.readouterr().err

@@ -292,3 +292,28 @@ def test_score_cli_reads_every_row_of_a_csv_without_header(exported, tmp_path, c
     assert "scored 20 rows" in capsys.readouterr().out
     np.testing.assert_allclose(pd.read_csv(tmp_path / "s.csv").score_samples,
                                det.score_samples(X), rtol=1e-5)
+
+
+def test_fit_command_trains_saves_and_feeds_score(tmp_path, capsys):
+    frame = pd.DataFrame(TABULAR, columns=[f"f{i}" for i in range(6)])
+    frame.insert(0, "id", np.arange(len(frame)))
+    frame.to_csv(tmp_path / "train.csv", index=False)
+    model = tmp_path / "model"
+    args = ["fit", str(tmp_path / "train.csv"), "--out", str(model), "--drop-columns", "id",
+            "--epochs", "2", "--latent-dim", "2", "--calibration", "0.25",
+            "--random-state", "0", "--params", '{"width": 8, "depth": 1}']
+    assert cli.main(args) == 0
+    assert "6 features, 2 epochs" in capsys.readouterr().out
+    det = LatentEBMDetector.load(model)
+    assert det.get_params()["latent_dim"] == 2 and det.get_params()["width"] == 8
+    assert list(det.feature_names_in_) == [f"f{i}" for i in range(6)]
+    assert len(det.scorer_.calibration_scores) == 50
+    twin = LatentEBMDetector(**{**det.get_params(), "verbose": 0}).fit(frame.drop(columns="id"))
+    np.testing.assert_allclose(det.score_samples(frame.drop(columns="id")),
+                               twin.score_samples(frame.drop(columns="id")))
+    frame.drop(columns="id").to_csv(tmp_path / "new.csv", index=False)
+    assert cli.main(["score", str(model), str(tmp_path / "new.csv"),
+                     "--out", str(tmp_path / "s.csv")]) == 0
+    assert len(pd.read_csv(tmp_path / "s.csv")) == len(frame)
+    assert cli.main([*args[:-2], "--drop-columns", "nope"]) == 2
+    assert "not columns" in capsys.readouterr().err
