@@ -62,7 +62,7 @@ def score_command(model: Path, data: Path, out: Path, alpha: float | None = None
     Returns the row count."""
     import pandas as pd
 
-    from serving.runtime import check_alpha
+    from serving.runtime import check_alpha, outlier_labels
 
     if alpha is not None:
         check_alpha(alpha)
@@ -88,8 +88,7 @@ def score_command(model: Path, data: Path, out: Path, alpha: float | None = None
         # p-values from the scores already computed, not a second pass through the networks
         p_value = (detector.scorer_.p_values(torch.from_numpy(-score)).numpy() if calibrated
                    else np.full(len(score), np.nan))
-        label = (np.where(decision < 0, -1, 1) if alpha is None
-                 else np.where(p_value <= alpha, -1, 1))
+        label = outlier_labels(decision, p_value, alpha)
         result = {"score_samples": score, "decision": decision, "label": label,
                   "p_value": p_value}
     frame = pd.DataFrame(result)

@@ -131,6 +131,14 @@ def validate_rows(X, n_features: int, sample_shapes: tuple[tuple[int, ...], ...]
     return rows
 
 
+def outlier_labels(decision: np.ndarray, p_value: np.ndarray | None = None,
+                   alpha: float | None = None) -> np.ndarray:
+    """+1 inlier / -1 outlier: by the sign of ``decision`` (the exported threshold), or,
+    with ``alpha``, where the conformal ``p_value`` is at most ``alpha``."""
+    outlier = decision < 0 if alpha is None else p_value <= alpha
+    return np.where(outlier, -1, 1).astype(np.int64)
+
+
 def check_alpha(alpha) -> None:
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.floating)) \
             or not 0.0 < float(alpha) < 1.0:
@@ -279,7 +287,7 @@ class OnnxDetector:
         columns = self._run(X, attribution=feature_scores)
         score, decision, label, p_value = columns[:4]
         if alpha is not None:
-            label = np.where(p_value <= alpha, -1, 1).astype(np.int64)
+            label = outlier_labels(decision, p_value, alpha)
         out = {"score_samples": score, "decision": decision, "label": label,
                "p_value": p_value}
         if feature_scores:
