@@ -157,6 +157,10 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
         ``"bfloat16"`` runs training's forward passes under bfloat16 autocast (fast on CPUs
         with AMX or AVX-512 BF16 and on recent GPUs); parameters, optimiser state and scoring
         stay in full precision.
+    model_pairs_fraction : float in (0, 1], default=1.0
+        Model pairs (g(z_p), z_p) drawn per minibatch, as a fraction of its rows: fewer
+        make a triangle step cheaper (the generator's second pass and the critic's passes
+        over those pairs are most of its extra cost over a VAE step).
     device : str, default="auto"
         Training device: "auto", "cpu", "cuda" or "cuda:N".
     random_state : int, RandomState instance or None, default=None
@@ -218,6 +222,7 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
         update_order: str = "alternating",
         critic_every: int = 1,
         training_precision: str = "float32",
+        model_pairs_fraction: float = 1.0,
         device: str = "auto",
         random_state=None,
         verbose: int = 0,
@@ -247,6 +252,7 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
         self.update_order = update_order
         self.critic_every = critic_every
         self.training_precision = training_precision
+        self.model_pairs_fraction = model_pairs_fraction
         self.device = device
         self.random_state = random_state
         self.verbose = verbose
@@ -328,6 +334,7 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
             update_order=self.update_order,
             critic_every=self.critic_every,
             training_precision=self.training_precision,
+            model_pairs_fraction=float(self.model_pairs_fraction),
             max_seconds=(None if self.max_training_seconds is None
                          else float(self.max_training_seconds)),
         )

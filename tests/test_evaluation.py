@@ -174,3 +174,17 @@ def test_detector_params_option_reaches_our_models():
     for bad in ("[1, 2]", "{latent_dim: 3}"):
         with pytest.raises(SystemExit):
             cli.build_parser().parse_args(["bench", "--detector-params", bad])
+
+
+def test_throughput_table_counts_the_flops_each_lever_saves():
+    from evaluation.speed import training_throughput
+
+    images = np.random.RandomState(0).randint(0, 256, (64, 8, 8)).astype(np.uint8)
+    table = training_throughput(images, variants={
+        "vae": {"objective": "vae"}, "triangle": {},
+        "triangle, critic every 2": {"critic_every": 2}}, steps=2, repeats=1,
+        batch_size=16, width=4, latent_dim=2).set_index("variant")
+    assert table.loc["vae", "ratio_to_vae"] == 1.0
+    assert (table.samples_per_s > 0).all() and (table.peak_fraction > 0).all()
+    flops = table.gflop_per_step
+    assert flops["vae"] < flops["triangle, critic every 2"] < flops["triangle"]

@@ -99,6 +99,9 @@ class TrainConfig:
     stepped together); ``critic_every`` = k updates the critic on every k-th minibatch only
     (alternating order). ``training_precision`` ``"bfloat16"`` runs the forward passes under
     bfloat16 autocast (parameters and optimiser state stay float32).
+    ``model_pairs_fraction`` sets how many model pairs (g(z_p), z_p) each minibatch draws, as
+    a fraction of its rows (at least one): the generator's second pass and the critic's
+    passes over those pairs are most of what the triangle adds to a VAE step.
     """
 
     objective: str = "triangle"
@@ -119,6 +122,7 @@ class TrainConfig:
     update_order: str = "alternating"
     critic_every: int = 1
     training_precision: str = "float32"
+    model_pairs_fraction: float = 1.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
@@ -149,6 +153,9 @@ class TrainConfig:
             raise ValueError(f"critic_every must be a positive integer, got {self.critic_every!r}")
         if self.critic_every > 1 and self.update_order != "alternating":
             raise ValueError("critic_every > 1 needs update_order='alternating'")
+        if not 0.0 < self.model_pairs_fraction <= 1.0:
+            raise ValueError(f"model_pairs_fraction must be in (0, 1], got "
+                             f"{self.model_pairs_fraction!r}")
         if self.training_precision not in PRECISIONS:
             raise ValueError(f"training_precision must be one of {PRECISIONS}, got "
                              f"{self.training_precision!r}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -115,9 +116,11 @@ def draw_pairs(networks: Networks, x: torch.Tensor,
     n = x.shape[0]
     mu, logvar = networks.encoder(x)
     z_q = _reparameterise(mu, logvar, generator)
-    z_p = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+    n_model = n if config is None else max(1, math.ceil(config.model_pairs_fraction * n))
+    z_p = torch.randn((n_model, mu.shape[1]), generator=generator, device=mu.device,
+                      dtype=mu.dtype)
     # One generator call for both latents: fewer, larger kernels.
-    x_rec, x_p = networks.generator(torch.cat([z_q, z_p])).split(n)
+    x_rec, x_p = networks.generator(torch.cat([z_q, z_p])).split([n, n_model])
     weights = None if config is None else objectives.trimming_weights(
         x, x_rec, config.decoder_sigma, config.trim_fraction)
     return Pairs(mu, logvar, z_q, z_p, x_rec, x_p, weights)
@@ -255,20 +258,17 @@ def simultaneous_triangle_step(
         extra = extra_negatives(networks, x, pairs, config.critic_negatives)
         if extra is not None:
             critic_model = torch.cat([energy_model, energy(*extra)])
-        # The critic's loss reads the same energies with its inputs' gradients cut off.
         loss_ebm = objectives.ebm_loss(energy_data, critic_model, pairs.weights)
-        critic_params = list(energy.parameters())
-        critic_grads = torch.autograd.grad(loss_ebm, critic_params, retain_graph=True)
         loss_inference = objectives.inference_loss(
             x, pairs.x_rec, pairs.z_q, pairs.logvar, energy_data, config.decoder_sigma,
             config.inference_loss, pairs.weights)
         fused = loss_inference + energy_model.mean()
         for optimizer in optimizers.all():
             optimizer.zero_grad(set_to_none=True)
+        # Each loss reaches its own networks' parameters only (``inputs``).
+        loss_ebm.backward(inputs=list(energy.parameters()), retain_graph=True)
         fused.backward(inputs=list(networks.encoder.parameters())
                        + list(networks.generator.parameters()))
-    for param, grad in zip(critic_params, critic_grads, strict=True):
-        param.grad = grad
     for module in (networks.encoder, networks.generator, energy):
         _clip(module, config.grad_clip)
     for optimizer in optimizers.all():
