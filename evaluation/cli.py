@@ -215,8 +215,10 @@ def run_bench(args: argparse.Namespace) -> int:
         else:
             images = np.random.RandomState(0).randint(0, 256, (10000, 28, 28)).astype(np.uint8)
         table = speed.training_throughput(images)
-        write_tables({"throughput": table.set_index("variant")}, out)
+        scoring = speed.scoring_throughput(images).set_index("dtype")
+        write_tables({"throughput": table.set_index("variant"), "scoring": scoring}, out)
         print(markdown(table.set_index("variant")))
+        print("\n" + markdown(scoring))
         return 0
     if args.suite == "serving":
         from evaluation.serving_speed import serving_speed

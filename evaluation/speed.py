@@ -22,8 +22,10 @@ VARIANTS = {
     "triangle, critic every 3": {"critic_every": 3},
     "triangle, half the model pairs": {"model_pairs_fraction": 0.5},
     "triangle, a quarter of the model pairs": {"model_pairs_fraction": 0.25},
-    "triangle, half the model pairs, critic every 2": {"model_pairs_fraction": 0.5,
-                                                       "critic_every": 2},
+    "triangle, a quarter of the model pairs, critic every 2": {"model_pairs_fraction": 0.25,
+                                                               "critic_every": 2},
+    "triangle, a quarter of the model pairs, simultaneous": {"model_pairs_fraction": 0.25,
+                                                             "update_order": "simultaneous"},
     "vae, bf16": {"objective": "vae", "training_precision": "bfloat16"},
     "triangle, bf16": {"training_precision": "bfloat16"},
     "triangle, simultaneous, bf16": {"update_order": "simultaneous",
@@ -117,4 +119,39 @@ def training_throughput(
                      "peak_fraction": achieved / peaks[precision],
                      "image_shape": "x".join(map(str, config.input_shape)),
                      "batch_size": batch_size, "threads": torch.get_num_threads()})
+    return pd.DataFrame(rows)
+
+
+def scoring_throughput(images: np.ndarray, *, width: int = 32, latent_dim: int = 32,
+                       batch_size: int = 4096, repeats: int = 3) -> pd.DataFrame:
+    """Samples per second and achieved GFLOP/s of large-batch scoring: the encoder and
+    generator forward passes (what the ``latent_knn`` and reconstruction rules run), without
+    autograd, in float32 (the ONNX export's networks) and float64 (the estimator's)."""
+    x = torch.as_tensor(images[:batch_size], dtype=torch.float32)
+    x = (x.unsqueeze(1) if x.ndim == 3 else x) / 127.5 - 1.0
+    config = NetworkConfig(input_shape=tuple(x.shape[1:]), width=width, latent_dim=latent_dim)
+    peak = matmul_peak_gflops(torch.float32)
+    rows = []
+    for dtype in (torch.float32, torch.float64):
+        networks = build_networks(config, with_energy=False)
+        networks.to("cpu", dtype)
+        networks.train(False)
+        batch = x.to(dtype)
+
+        def score(batch=batch, networks=networks):
+            with torch.no_grad():
+                return networks.generator(networks.encoder(batch)[0])
+
+        score()  # warm-up
+        with FlopCounterMode(display=False) as counter:
+            score()
+        best = np.inf
+        for _ in range(repeats):
+            started = time.perf_counter()
+            score()
+            best = min(best, time.perf_counter() - started)
+        achieved = counter.get_total_flops() / best / 1e9
+        rows.append({"dtype": str(dtype).removeprefix("torch."), "batch": len(batch),
+                     "samples_per_s": len(batch) / best, "achieved_gflops": achieved,
+                     "fp32_peak_gflops": peak, "peak_fraction": achieved / peak})
     return pd.DataFrame(rows)

@@ -177,7 +177,7 @@ def test_detector_params_option_reaches_our_models():
 
 
 def test_throughput_table_counts_the_flops_each_lever_saves():
-    from evaluation.speed import training_throughput
+    from evaluation.speed import scoring_throughput, training_throughput
 
     images = np.random.RandomState(0).randint(0, 256, (64, 8, 8)).astype(np.uint8)
     table = training_throughput(images, variants={
@@ -188,3 +188,7 @@ def test_throughput_table_counts_the_flops_each_lever_saves():
     assert (table.samples_per_s > 0).all() and (table.peak_fraction > 0).all()
     flops = table.gflop_per_step
     assert flops["vae"] < flops["triangle, critic every 2"] < flops["triangle"]
+    scoring = scoring_throughput(images, width=4, latent_dim=2, batch_size=32,
+                                 repeats=1).set_index("dtype")
+    assert list(scoring.index) == ["float32", "float64"]
+    assert (scoring.achieved_gflops > 0).all() and (scoring.peak_fraction > 0).all()
