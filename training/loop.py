@@ -171,16 +171,33 @@ def extra_negatives(networks: Networks, x: torch.Tensor, pairs: Pairs, kinds: Se
     return (torch.cat(xs), torch.cat(zs)) if xs else None
 
 
+def _critic_loss(networks: Networks, x: torch.Tensor, pairs: Pairs, energy_data: torch.Tensor,
+                 energy_model: torch.Tensor, config: TrainConfig) -> torch.Tensor:
+    """The critic's loss from the energies of the data and generator pairs, with the pairs
+    of ``config.critic_negatives`` added to the model side (one mean over all of them)."""
+    extra = extra_negatives(networks, x, pairs, config.critic_negatives)
+    if extra is not None:
+        energy_model = torch.cat([energy_model, networks.energy(*extra)])
+    return objectives.ebm_loss(energy_data, energy_model, pairs.weights)
+
+
+def _fused_loss(x: torch.Tensor, pairs: Pairs, energy_data: torch.Tensor,
+                energy_model: torch.Tensor, config: TrainConfig
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fused, inference loss) of :func:`encoder_generator_losses` from given energies."""
+    loss_inference = objectives.inference_loss(x, pairs.x_rec, pairs.z_q, pairs.logvar,
+                                               energy_data, config.decoder_sigma,
+                                               config.inference_loss, pairs.weights)
+    return loss_inference + energy_model.mean(), loss_inference
+
+
 def ebm_update(networks: Networks, optimizers: Optimizers, x: torch.Tensor, pairs: Pairs,
                config: TrainConfig) -> torch.Tensor:
     """Step 1: data pairs down, model pairs up (the generator's pairs and those of
     ``config.critic_negatives``, one mean over all of them). Inputs are detached, so only
     alpha moves."""
     energy_data, energy_model = _energies(networks.energy, x, pairs, detach=True)
-    extra = extra_negatives(networks, x, pairs, config.critic_negatives)
-    if extra is not None:
-        energy_model = torch.cat([energy_model, networks.energy(*extra)])
-    loss = objectives.ebm_loss(energy_data, energy_model, pairs.weights)
+    loss = _critic_loss(networks, x, pairs, energy_data, energy_model, config)
     optimizers.energy.zero_grad(set_to_none=True)
     loss.backward(inputs=list(networks.energy.parameters()))
     _clip(networks.energy, config.grad_clip)
@@ -200,10 +217,8 @@ def encoder_generator_losses(networks: Networks, x: torch.Tensor, pairs: Pairs,
     ``fused`` equals the authors' encoder-then-generator updates.
     """
     energy_data, energy_model = _energies(networks.energy, x, pairs, detach=False)
-    loss_inference = objectives.inference_loss(x, pairs.x_rec, pairs.z_q, pairs.logvar,
-                                               energy_data, config.decoder_sigma,
-                                               config.inference_loss, pairs.weights)
-    return {"fused": loss_inference + energy_model.mean(), "inference": loss_inference,
+    fused, loss_inference = _fused_loss(x, pairs, energy_data, energy_model, config)
+    return {"fused": fused, "inference": loss_inference,
             "energy_data": energy_data, "energy_model": energy_model}
 
 
@@ -254,15 +269,8 @@ def simultaneous_triangle_step(
         # The data half needs no gradient in x; the critic's parameters get theirs from both.
         energies = energy(torch.cat([x, pairs.x_p]), torch.cat([pairs.z_q, pairs.z_p]))
         energy_data, energy_model = energies[:n], energies[n:]
-        critic_model = energy_model
-        extra = extra_negatives(networks, x, pairs, config.critic_negatives)
-        if extra is not None:
-            critic_model = torch.cat([energy_model, energy(*extra)])
-        loss_ebm = objectives.ebm_loss(energy_data, critic_model, pairs.weights)
-        loss_inference = objectives.inference_loss(
-            x, pairs.x_rec, pairs.z_q, pairs.logvar, energy_data, config.decoder_sigma,
-            config.inference_loss, pairs.weights)
-        fused = loss_inference + energy_model.mean()
+        loss_ebm = _critic_loss(networks, x, pairs, energy_data, energy_model, config)
+        fused, loss_inference = _fused_loss(x, pairs, energy_data, energy_model, config)
         for optimizer in optimizers.all():
             optimizer.zero_grad(set_to_none=True)
         # Each loss reaches its own networks' parameters only (``inputs``).
