@@ -29,6 +29,9 @@ from training.loop import EpochCallback
 from training.scorer import CALIBRATION_ROWS, CHUNK_ROWS
 
 
+MISSING_OPTIONS = ("error", "mask")
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -42,15 +45,18 @@ def resolve_device(device: str) -> torch.device:
 
 
 def _column_std(X: np.ndarray, mean: np.ndarray) -> np.ndarray:
-    """Standard deviation per column, finite even where squares overflow float64 (|x| above
-    about 1e154), with a warning: one such value makes the rest of its column look constant."""
+    """Standard deviation per column over its observed (non-NaN) entries, finite even where
+    squares overflow float64 (|x| above about 1e154), with a warning: one such value makes
+    the rest of its column look constant."""
+    # NaN (missing) entries are left out; the nan-functions are slower, so only where needed
+    has_nan = bool(np.isnan(X).any())
     with np.errstate(over="ignore", invalid="ignore"):
-        std = X.std(axis=0)
+        std = np.nanstd(X, axis=0) if has_nan else X.std(axis=0)
     huge = ~np.isfinite(std)
     if huge.any():
         centered = X[:, huge] - mean[huge]
-        peak = np.abs(centered).max(axis=0)
-        std[huge] = peak * np.sqrt(np.mean((centered / peak) ** 2, axis=0))
+        peak = np.nanmax(np.abs(centered), axis=0)
+        std[huge] = peak * np.sqrt(np.nanmean((centered / peak) ** 2, axis=0))
         warnings.warn(f"columns {np.flatnonzero(huge).tolist()} hold values up to "
                       f"{float(peak.max()):.3g} from their mean, so large that the other "
                       "values of these columns standardise to about 0; check them for unit "
@@ -161,6 +167,17 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
         Model pairs (g(z_p), z_p) drawn per minibatch, as a fraction of its rows: fewer
         make a triangle step cheaper (the generator's second pass and the critic's passes
         over those pairs are most of its extra cost over a VAE step).
+    missing : {"error", "mask"}, default="error"
+        What NaN entries (missing values) mean. ``"error"`` refuses them in ``fit`` and in
+        scoring. ``"mask"`` learns and scores with them left out, as the divergence triangle
+        learns from incomplete images: the preprocessing statistics and the reconstruction
+        terms count observed entries only, and after every minibatch the missing entries are
+        filled by the model's own reconstruction, which the encoder and the critic then see
+        (so "missing" is never a feature of the data). A row scored with missing entries is
+        completed the same way (three encode-decode rounds) and its reconstruction error is
+        taken per observed entry, so that missingness alone does not make a normal row look
+        more or less anomalous. A row with every entry missing is refused. The default keeps
+        NaN an error, because an unexpected NaN is more often a bug upstream than data.
     device : str, default="auto"
         Training device: "auto", "cpu", "cuda" or "cuda:N".
     random_state : int, RandomState instance or None, default=None
@@ -223,6 +240,7 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
         critic_every: int = 1,
         training_precision: str = "float32",
         model_pairs_fraction: float = 1.0,
+        missing: str = "error",
         device: str = "auto",
         random_state=None,
         verbose: int = 0,
@@ -253,6 +271,7 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
         self.critic_every = critic_every
         self.training_precision = training_precision
         self.model_pairs_fraction = model_pairs_fraction
+        self.missing = missing
         self.device = device
         self.random_state = random_state
         self.verbose = verbose
@@ -262,6 +281,8 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
         if self.score_rule != "auto" and self.score_rule not in SCORE_RULES:
             raise ValueError(f"score_rule must be 'auto' or one of {SCORE_RULES}, "
                              f"got {self.score_rule!r}")
+        if self.missing not in MISSING_OPTIONS:
+            raise ValueError(f"missing must be one of {MISSING_OPTIONS}, got {self.missing!r}")
         if self.objective == "vae" and self.score_rule == "energy":
             raise ValueError("score_rule='energy' needs objective='triangle': "
                              "the VAE has no energy")
@@ -391,7 +412,8 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
         self._check_params()
         device = resolve_device(self.device)
         train_config = self._train_config()
-        X, sample_shape = validate_samples(self, X, reset=True)
+        X, sample_shape = validate_samples(self, X, reset=True,
+                                           allow_nan=self.missing == "mask")
         X_calibration = None
         if self.calibration is not None:
             n_calibration = round(self.calibration * len(X))
@@ -422,16 +444,27 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
         self._sample_shape = sample_shape if sample_shape is not None else (X.shape[1],)
         self.input_shape_ = input_shape
 
+        missing = np.isnan(X)
+        has_missing = bool(missing.any())
         if network_config.is_image:
             # One range for all pixels keeps images images; it maps the data to [-1, 1].
-            low, high = float(X.min()), float(X.max())
+            low, high = float(np.nanmin(X)), float(np.nanmax(X))
             shift = np.full(X.shape[1], (high + low) / 2)
             scale = np.full(X.shape[1], max((high - low) / 2, 1e-12))
+            self.training_mean_ = np.nanmean(X, axis=0) if has_missing else X.mean(axis=0)
+            # a pixel never observed starts at the middle of the range, 0 in model space
+            self.training_mean_ = np.where(np.isnan(self.training_mean_), shift,
+                                           self.training_mean_)
         else:
-            shift = X.mean(axis=0)
+            never_seen = np.flatnonzero(missing.all(axis=0))
+            if never_seen.size:
+                raise ValueError(f"columns {never_seen[:10].tolist()} of X hold no observed "
+                                 "value (all NaN): nothing can be learnt about them; drop "
+                                 "them")
+            shift = np.nanmean(X, axis=0) if has_missing else X.mean(axis=0)
             std = _column_std(X, shift)
             scale = np.where(std > 1e-12 * np.maximum(1.0, np.abs(shift)), std, 1.0)
-        self.training_mean_ = X.mean(axis=0)
+            self.training_mean_ = shift
 
         seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
         with torch.random.fork_rng(devices=[]):
@@ -440,25 +473,34 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
         networks.to(device)
         data = torch.as_tensor((X - shift) / scale, dtype=torch.float32, device=device)
         data = data.reshape(-1, *input_shape)
+        # Missing entries start at the training mean (0 here); training refills them.
+        observed = ~torch.isnan(data) if has_missing else None
+        fingerprint_data = data
+        if observed is not None:
+            data = torch.nan_to_num(data, nan=0.0)
         generator = torch.Generator(device=device).manual_seed(seed)
         checkpointer = None
         if checkpoint is not None:
             directory, resume, every = checkpoint
-            checkpointer = Checkpointer(directory, self._fingerprint(data), every, resume)
+            checkpointer = Checkpointer(directory, self._fingerprint(fingerprint_data), every,
+                                        resume)
         history = train_networks(networks, data, train_config, generator=generator,
                                  callbacks=callbacks, verbose=int(self.verbose),
-                                 checkpointer=checkpointer)
+                                 checkpointer=checkpointer, observed=observed)
         networks.freeze_spectral_norm()
         networks.to("cpu", torch.float64)
         self.scorer_ = AnomalyScorer(
             networks, torch.from_numpy(shift), torch.from_numpy(scale), input_shape,
-            self.score_rule_, train_config.decoder_sigma).eval()
+            self.score_rule_, train_config.decoder_sigma,
+            allows_missing=self.missing == "mask").eval()
         self.training_history_ = history.epochs
         self.n_rollbacks_ = history.rollbacks
 
         bank = X if len(X) <= BANK_ROWS else X[np.sort(
             np.random.RandomState(seed).choice(len(X), BANK_ROWS, replace=False))]
         self.scorer_.calibrate(torch.tensor(bank))  # a copy: X may be a read-only view
+        if self.scorer_.allows_missing:
+            self.scorer_.calibrate_missing_rates(torch.tensor(bank), seed)
         # Training rows are scored as predict() will score them (a row in the bank is its own
         # nearest code), so that predict(X) flags the `contamination` fraction of them, as
         # scikit-learn's contract says; unseen rows score a little more anomalous.
@@ -492,6 +534,10 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
         return self
 
     def _calibrate_rows(self, rows: np.ndarray) -> None:
+        if self.scorer_.allows_missing:
+            # Rows the networks were not trained on show how an unseen normal row's score
+            # moves with its missing rate; training rows, fitted, move more.
+            self.scorer_.calibrate_missing_rates(torch.from_numpy(rows))
         anomaly = -self._score_rows(rows)
         if len(anomaly) > CALIBRATION_ROWS:
             keep = np.random.RandomState(0).choice(len(anomaly), CALIBRATION_ROWS,
@@ -529,10 +575,13 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
         return self.scorer_.p_values(anomaly).numpy()
 
     # ------------------------------------------------------------------ scoring
-    def _rows(self, X) -> np.ndarray:
+    def _validated(self, X) -> tuple[np.ndarray, tuple[int, ...] | None]:
+        """validate_samples for a fitted model: NaN only where it was fitted to take them."""
         check_is_fitted(self)
-        rows, _ = validate_samples(self, X, reset=False)
-        return rows
+        return validate_samples(self, X, reset=False, allow_nan=self.scorer_.allows_missing)
+
+    def _rows(self, X) -> np.ndarray:
+        return self._validated(X)[0]
 
     def _score_rows(self, rows: np.ndarray) -> np.ndarray:
         """score_samples of validated float64 rows, in chunks to bound memory."""
@@ -589,8 +638,7 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
         -------
         feature_scores : ndarray of the shape of ``X``, float64
         """
-        check_is_fitted(self)
-        rows, sample_shape = validate_samples(self, X, reset=False)
+        rows, sample_shape = self._validated(X)
         anomaly = -self._score_rows(rows)
         with torch.no_grad():
             out = torch.cat([
@@ -604,19 +652,20 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
         return rows if like_shape is None else rows.reshape(-1, *like_shape)
 
     def encode(self, X) -> np.ndarray:
-        """Posterior means mu(x), shape (n_samples, latent_dim)."""
+        """Posterior means mu(x), shape (n_samples, latent_dim) (of the rows completed by the
+        model where entries are missing)."""
         rows = self._rows(X)
         with torch.no_grad():
-            mu, _ = self.scorer_.encoder(self.scorer_.preprocess(torch.from_numpy(rows)))
+            mu, _ = self.scorer_.encode(self.scorer_.preprocess(torch.from_numpy(rows)))
         return mu.numpy()
 
     def reconstruct(self, X) -> np.ndarray:
-        """g(mu(x)) in the units and shape of ``X``."""
-        check_is_fitted(self)
-        rows, sample_shape = validate_samples(self, X, reset=False)
+        """g(mu(x)) in the units and shape of ``X`` (missing entries of ``X`` come back
+        filled)."""
+        rows, sample_shape = self._validated(X)
         with torch.no_grad():
             x = torch.from_numpy(rows)
-            mu, _ = self.scorer_.encoder(self.scorer_.preprocess(x))
+            mu, _ = self.scorer_.encode(self.scorer_.preprocess(x))
             out = self.scorer_.postprocess(self.scorer_.generator(mu)).numpy()
         return self._as_output(out, sample_shape)
 
@@ -751,5 +800,5 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
-        tags.input_tags.allow_nan = False
+        tags.input_tags.allow_nan = self.missing == "mask"
         return tags

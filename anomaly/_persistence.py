@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load, save
 
 from training import AnomalyScorer, NetworkConfig, build_networks
-from training.scorer import FLOAT64_BUFFERS
+from training.scorer import FLOAT64_BUFFERS, MISSING_BUFFERS
 
 # 2: the scorer keeps a bank of training codes and the fused rule's calibration.
 # 3: self-describing networks, a checksum over the whole JSON, content-named weights.
@@ -144,6 +144,7 @@ def save_detector(detector, path: str | Path) -> Path:
             "offset": float(detector.offset_),
             "score_rule": detector.score_rule_,
             "decoder_sigma": float(detector.scorer_.decoder_sigma),
+            "allows_missing": bool(detector.scorer_.allows_missing),
             "n_rollbacks": int(detector.n_rollbacks_),
             "training_history": detector.training_history_,
         },
@@ -215,7 +216,15 @@ def load_detector(cls, path: str | Path):
                            code_bank=weights["code_bank"],
                            fusion_center=weights["fusion_center"],
                            fusion_spread=weights["fusion_spread"],
-                           calibration_scores=weights["calibration_scores"]).to(torch.float64)
+                           calibration_scores=weights["calibration_scores"],
+                           # models saved before missing values were allowed refuse them
+                           allows_missing=fitted.get("allows_missing", False)
+                           ).to(torch.float64)
+    for name in MISSING_BUFFERS:
+        if name in weights:  # sized by the saved model; empty in models saved before them
+            setattr(scorer, name, torch.zeros_like(weights[name]))
+        else:
+            weights[name] = getattr(scorer, name)
     try:
         scorer.load_state_dict(weights, strict=True)
     except RuntimeError as err:  # tensors of other shapes than the configuration says

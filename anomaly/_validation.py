@@ -39,13 +39,16 @@ def _sample_shape(X) -> tuple[int, ...] | None:
     return tuple(int(s) for s in np.shape(X)[1:])
 
 
-def validate_samples(estimator, X, *, reset: bool) -> tuple[np.ndarray, tuple[int, ...] | None]:
+def validate_samples(estimator, X, *, reset: bool, allow_nan: bool = False
+                     ) -> tuple[np.ndarray, tuple[int, ...] | None]:
     """Check ``X`` and return it as float64 rows ``(n, n_features)`` plus the per-sample image
     shape it came in (None for 2-D input).
 
-    Rejects NaN/inf, empty input, 1-D input, sparse matrices, strings, object arrays that are
+    Rejects inf, empty input, 1-D input, sparse matrices, strings, object arrays that are
     not numbers and complex numbers with a ValueError/TypeError naming the problem, and (when
     ``reset`` is False) a feature count or image shape other than the one seen in ``fit``.
+    NaN (a missing entry) is refused unless ``allow_nan``; then a row with no observed entry
+    is refused.
     """
     sample_shape = _sample_shape(X)
     if sample_shape is not None:
@@ -61,6 +64,25 @@ def validate_samples(estimator, X, *, reset: bool) -> tuple[np.ndarray, tuple[in
                     f"X has samples of shape {sample_shape}, but {type(estimator).__name__} "
                     f"was fitted on samples of shape {tuple(expected)}"
                 )
-    X = validate_data(estimator, X, reset=reset, dtype=np.float64, ensure_all_finite=True,
-                      accept_sparse=False, ensure_min_samples=1, ensure_min_features=1)
+    X = validate_data(estimator, X, reset=reset, dtype=np.float64,
+                      ensure_all_finite="allow-nan", accept_sparse=False, ensure_min_samples=1,
+                      ensure_min_features=1)
+    check_missing(X, allow_nan, type(estimator).__name__)
     return X, sample_shape
+
+
+def check_missing(rows: np.ndarray, allow_nan: bool, owner: str) -> None:
+    """Refuse NaN in float rows ``(n, n_features)`` where missing entries are not allowed,
+    and rows with no observed entry where they are."""
+    missing = np.isnan(rows)
+    if not missing.any():
+        return
+    if not allow_nan:
+        raise ValueError(f"Input X contains NaN, and this {owner} does not take missing "
+                         "values: fit it with missing='mask' to learn and score with "
+                         "missing entries, or impute them before")
+    empty = np.flatnonzero(missing.all(axis=1))
+    if empty.size:
+        raise ValueError(f"Input X has rows with every entry missing (NaN), which cannot be "
+                         f"scored: rows {empty[:10].tolist()}"
+                         + (f" and {empty.size - 10} more" if empty.size > 10 else ""))

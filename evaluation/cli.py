@@ -17,7 +17,7 @@ from pathlib import Path
 
 SUITES = ("quick", "digits", "mnist", "images", "adbench", "tabular", "reconstruction",
           "inpainting", "speed", "serving", "rest", "spark", "robustness", "calibration",
-          "localisation")
+          "localisation", "missing", "missing-alarms")
 IMAGE_DEFAULT_CLASSES = (1, 4, 5, 7, 9)
 DEFAULT_METHODS = ("triangle", "vae_ablation", "isolation_forest", "lof", "ocsvm")
 # On load_digits a plain nearest-neighbour score in pixel space is the strongest peer.
@@ -76,7 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
                             "0.01/0.05/0.1 on load_digits (and ADBench with --data); "
                             "localisation: do feature_scores find an implanted anomaly (a "
                             "patch in MNIST digits, a shifted feature in ADBench rows)? "
-                            "--data is the shared data root with mnist/ and adbench/")
+                            "--data is the shared data root with mnist/ and adbench/; "
+                            "missing: ADBench tables with 10/30/50%% of cells removed at "
+                            "random or whole feature groups missing, the detector with "
+                            "missing='mask' against itself and the peers behind imputers "
+                            "(--data: the ADBench directory); "
+                            "missing-alarms: false-alarm rate on normal load_digits rows "
+                            "by missing rate, estimator and ONNX")
     bench.add_argument("--data", type=Path, default=None,
                        help="data directory: speed takes the MNIST npz directory, serving "
                             "the shared data root (with mnist/ and adbench/); random data if "
@@ -287,6 +293,8 @@ def run_bench(args: argparse.Namespace) -> int:
         for name, table in tables.items():
             print(f"\n{name}\n{markdown(table)}")
         return 0
+    if args.suite in ("missing", "missing-alarms"):
+        return _run_missing_suite(args, out, epochs, detector_params)
     if args.suite == "calibration":
         from evaluation.calibration import (
             adbench_splits,
@@ -332,6 +340,40 @@ def run_bench(args: argparse.Namespace) -> int:
               "(divtri score / divtri export take it from there)")
         return 0
     return _run_data_suite(args, out, epochs, detector_params)
+
+
+def _run_missing_suite(args: argparse.Namespace, out: Path, epochs, detector_params) -> int:
+    from evaluation import datasets, missing
+    from evaluation.methods import MethodOptions
+    from evaluation.results import ResultLog, markdown, write_tables
+
+    epochs = epochs if epochs is not None else 30
+    if args.suite == "missing-alarms":
+        log = ResultLog(out / "false_alarms.csv")
+        missing.false_alarm_suite(classes=args.classes if args.classes is not None
+                                  else list(range(10)),
+                                  seeds=args.seeds if args.seeds is not None else [0],
+                                  epochs=epochs, detector_params=detector_params, log=log)
+        tables = {"false_alarms": missing.false_alarm_table(log.frame())}
+    else:
+        if args.data is None:
+            raise SystemExit("missing needs --data DIRECTORY of ADBench npz files")
+        files = datasets.adbench(args.data)
+        names = args.datasets or [n for n in missing.DEFAULT_SETS if n in files]
+        unknown = set(names) - set(files)
+        if unknown:
+            raise ValueError(f"no ADBench file for {sorted(unknown)} in {args.data}")
+        log = ResultLog(out / "missing.csv")
+        missing.missing_suite({n: files[n] for n in names},
+                              seeds=args.seeds if args.seeds is not None else [0, 1, 2],
+                              log=log, options=MethodOptions(epochs=epochs,
+                                                             detector_params=detector_params))
+        tables = missing.missing_tables(log.frame())
+    write_tables(tables, out)
+    print(f"results: {log.path}")
+    for name, table in tables.items():
+        print(f"\n{name}\n{markdown(table)}")
+    return 0
 
 
 def _all_methods() -> list[str]:

@@ -143,6 +143,8 @@ def export_onnx(detector, path: str | Path, graph: str = "scorer",
         "calibration_rows": str(detector.scorer_.calibration_scores.shape[0]),
         "offset": repr(float(detector.offset_)),
         "contamination": str(contamination),
+        # "true": rows may hold NaN (missing entries), completed inside the graph (IsNaN)
+        "allows_missing": "true" if detector.scorer_.allows_missing else "false",
         "weights_sha256": metadata.weights_sha256(
             (init.name, numpy_helper.to_array(init).tobytes())
             for init in model.graph.initializer),

@@ -93,8 +93,11 @@ def check_feature_names(columns, expected: tuple[str, ...] | None, owner: str) -
 
 def validate_rows(X, n_features: int, sample_shapes: tuple[tuple[int, ...], ...],
                   owner: str = "OnnxDetector",
-                  feature_names: tuple[str, ...] | None = None) -> np.ndarray:
-    """``X`` as float64 rows ``(n, n_features)``, with the estimator's clear errors."""
+                  feature_names: tuple[str, ...] | None = None,
+                  allow_missing: bool = False) -> np.ndarray:
+    """``X`` as float64 rows ``(n, n_features)``, with the estimator's clear errors; NaN (and
+    None in an object array or a DataFrame) is a missing entry, refused unless
+    ``allow_missing``, and then refused in a row that has no other entry."""
     if type(X).__module__.startswith("scipy.sparse"):
         raise TypeError("Sparse data was passed for X, but dense data is required. Use "
                         "'.toarray()' to convert to a dense numpy array.")
@@ -105,6 +108,10 @@ def validate_rows(X, n_features: int, sample_shapes: tuple[tuple[int, ...], ...]
     arr = np.asarray(X)
     if arr.dtype.kind == "c":
         raise ValueError("Complex data not supported; pass real numbers")
+    if arr.dtype == object:
+        # None is how JSON null and pandas' missing objects arrive: a missing entry
+        is_none = np.frompyfunc(lambda value: value is None, 1, 1)(arr).astype(bool)
+        arr = np.where(is_none, np.nan, arr)
     if arr.dtype.kind not in "biuf":
         try:
             arr = arr.astype(np.float64)
@@ -126,8 +133,17 @@ def validate_rows(X, n_features: int, sample_shapes: tuple[tuple[int, ...], ...]
         raise ValueError(f"X has {arr.shape[1]} features, but {owner} is expecting "
                          f"{n_features} features as input")
     rows = arr.astype(np.float64)
-    if not np.isfinite(rows).all():
-        raise ValueError(f"Input X contains {'NaN' if np.isnan(rows).any() else 'infinity'}")
+    if np.isinf(rows).any():
+        raise ValueError("Input X contains infinity")
+    missing = np.isnan(rows)
+    if missing.any() and not allow_missing:
+        raise ValueError(f"Input X contains NaN, and this model does not take missing values "
+                         f"({owner} of a detector fitted with missing='error'): impute them, "
+                         "or fit with missing='mask' and export again")
+    empty = np.flatnonzero(missing.all(axis=1))
+    if empty.size:
+        raise ValueError(f"Input X has rows with every entry missing (NaN), which cannot be "
+                         f"scored: rows {empty[:10].tolist()}")
     return rows
 
 
@@ -171,6 +187,9 @@ class OnnxDetector:
         The providers the session actually got (onnxruntime-gpu silently falls back to the
         CPU where no usable GPU is found).
     offset_, n_features_in_, input_shape_, score_rule_, metadata_
+    allows_missing_ : bool
+        Whether rows may hold missing entries (NaN): the model was fitted with
+        ``missing="mask"``.
     feature_names_in_ : ndarray of str
         Only for a model fitted on a DataFrame: its column names; a DataFrame with other
         columns, or the same in another order, is refused.
@@ -210,6 +229,8 @@ class OnnxDetector:
             shapes.append(self.input_shape_[1:])
         self._sample_shapes = tuple(dict.fromkeys(shapes))
         self.offset_ = float(self.metadata_["offset"])
+        # models exported before missing values were allowed refuse them
+        self.allows_missing_ = self.metadata_.get("allows_missing") == "true"
         self.score_rule_ = self.metadata_["score_rule"]
         self._feature_names = None
         if "feature_names" in self.metadata_:
@@ -224,7 +245,8 @@ class OnnxDetector:
     def _run(self, X, attribution: bool = False) -> list[np.ndarray]:
         """score, decision, label, p_value and, with ``attribution``, feature_scores."""
         rows = validate_rows(X, self.n_features_in_, self._sample_shapes,
-                             feature_names=self._feature_names)
+                             feature_names=self._feature_names,
+                             allow_missing=self.allows_missing_)
         session = self.session_
         if attribution:
             if self._attribution_raw is None:

@@ -88,6 +88,7 @@ class Pairs:
     x_rec: torch.Tensor    # like x, g(z_q)
     x_p: torch.Tensor      # like x, g(z_p)
     weights: torch.Tensor | None = None  # (n,) data-row weights of a trimmed loss
+    observed: torch.Tensor | None = None  # like x, bool: entries seen (None: all)
 
 
 def _reparameterise(mu: torch.Tensor, logvar: torch.Tensor,
@@ -112,7 +113,8 @@ def _update_encoder_and_generator(networks: Networks, optimizers: Optimizers,
 
 def draw_pairs(networks: Networks, x: torch.Tensor,
                generator: torch.Generator | None = None,
-               config: TrainConfig | None = None) -> Pairs:
+               config: TrainConfig | None = None,
+               observed: torch.Tensor | None = None) -> Pairs:
     n = x.shape[0]
     mu, logvar = networks.encoder(x)
     z_q = _reparameterise(mu, logvar, generator)
@@ -122,8 +124,8 @@ def draw_pairs(networks: Networks, x: torch.Tensor,
     # One generator call for both latents: fewer, larger kernels.
     x_rec, x_p = networks.generator(torch.cat([z_q, z_p])).split([n, n_model])
     weights = None if config is None else objectives.trimming_weights(
-        x, x_rec, config.decoder_sigma, config.trim_fraction)
-    return Pairs(mu, logvar, z_q, z_p, x_rec, x_p, weights)
+        x, x_rec, config.decoder_sigma, config.trim_fraction, observed)
+    return Pairs(mu, logvar, z_q, z_p, x_rec, x_p, weights, observed)
 
 
 def _energies(energy: nn.Module, x: torch.Tensor, pairs: Pairs,
@@ -187,7 +189,8 @@ def _fused_loss(x: torch.Tensor, pairs: Pairs, energy_data: torch.Tensor,
     """(fused, inference loss) of :func:`encoder_generator_losses` from given energies."""
     loss_inference = objectives.inference_loss(x, pairs.x_rec, pairs.z_q, pairs.logvar,
                                                energy_data, config.decoder_sigma,
-                                               config.inference_loss, pairs.weights)
+                                               config.inference_loss, pairs.weights,
+                                               pairs.observed)
     return loss_inference + energy_model.mean(), loss_inference
 
 
@@ -236,11 +239,12 @@ def triangle_step(
     x: torch.Tensor,
     config: TrainConfig,
     generator: torch.Generator | None = None,
+    observed: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """One divergence-triangle update on a minibatch in the authors' order (EBM, encoder,
     generator); with ``config.critic_every`` = k the critic moves on every k-th minibatch
     only. Returns detached scalar metrics."""
-    pairs = draw_pairs(networks, x, generator, config)
+    pairs = draw_pairs(networks, x, generator, config, observed)
     critic_moves = (config.critic_every == 1
                     or _updates_done(optimizers.encoder) % config.critic_every == 0)
     loss_ebm = ebm_update(networks, optimizers, x, pairs, config) if critic_moves else None
@@ -256,13 +260,14 @@ def simultaneous_triangle_step(
     x: torch.Tensor,
     config: TrainConfig,
     generator: torch.Generator | None = None,
+    observed: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """One divergence-triangle update with the three networks moved together: one critic
     forward pass over the data and model pairs serves both the critic's loss (gradients in
     its parameters only) and the encoder and generator's (gradients in theirs only), as in
     simultaneous-gradient GAN training. Unlike :func:`triangle_step`, the encoder and
     generator see the critic before this step's update."""
-    pairs = draw_pairs(networks, x, generator, config)
+    pairs = draw_pairs(networks, x, generator, config, observed)
     energy = networks.energy
     n = x.shape[0]
     with parametrize.cached():
@@ -295,7 +300,8 @@ def _updates_done(optimizer: torch.optim.Optimizer) -> int:
 def _triangle_metrics(x, pairs: Pairs, loss_ebm, loss_inference, energy_data, energy_model,
                       config: TrainConfig) -> dict[str, torch.Tensor]:
     with torch.no_grad():
-        recon = objectives.reconstruction_nll(x, pairs.x_rec, config.decoder_sigma).mean()
+        recon = objectives.reconstruction_nll(x, pairs.x_rec, config.decoder_sigma,
+                                              pairs.observed).mean()
         energy_data, energy_model = energy_data.mean(), energy_model.mean()
         # a minibatch on which the critic did not move reports no critic loss
         return ({} if loss_ebm is None else {"loss_ebm": loss_ebm}) | {
@@ -315,17 +321,20 @@ def vae_step(
     x: torch.Tensor,
     config: TrainConfig,
     generator: torch.Generator | None = None,
+    observed: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """One update of the plain VAE (the ablation): encoder and generator on the negative ELBO."""
     mu, logvar = networks.encoder(x)
     x_rec = networks.generator(_reparameterise(mu, logvar, generator))
-    weights = objectives.trimming_weights(x, x_rec, config.decoder_sigma, config.trim_fraction)
-    loss = objectives.vae_loss(x, x_rec, mu, logvar, config.decoder_sigma, weights)
+    weights = objectives.trimming_weights(x, x_rec, config.decoder_sigma, config.trim_fraction,
+                                          observed)
+    loss = objectives.vae_loss(x, x_rec, mu, logvar, config.decoder_sigma, weights, observed)
     _update_encoder_and_generator(networks, optimizers, loss, config)
     with torch.no_grad():
         return {
             "loss_vae": loss.detach(),
-            "reconstruction": objectives.reconstruction_nll(x, x_rec, config.decoder_sigma).mean(),
+            "reconstruction": objectives.reconstruction_nll(x, x_rec, config.decoder_sigma,
+                                                            observed).mean(),
             "encoder_variance": logvar.exp().mean().detach(),
         }
 
@@ -365,18 +374,32 @@ def select_step(config: TrainConfig):
     if config.training_precision == "float32":
         return step
 
-    def mixed_precision_step(networks, optimizers, x, config, generator=None):
+    def mixed_precision_step(networks, optimizers, x, config, generator=None, observed=None):
         with torch.autocast(x.device.type, dtype=torch.bfloat16):
-            return step(networks, optimizers, x, config, generator)
+            return step(networks, optimizers, x, config, generator, observed)
 
     return mixed_precision_step
 
 
-def _run_epoch(step, networks, optimizers, data, config, generator, deadline: float | None
-               ) -> dict[str, float] | None:
+def fill_missing(networks: Networks, data: torch.Tensor, observed: torch.Tensor,
+                 index: torch.Tensor) -> None:
+    """Replace the missing entries of ``data[index]`` by the current model's reconstruction
+    g(mu(x)) of those rows, in place: the paper's alternating inpainting, so that the
+    encoder and the critic see each incomplete row completed by the model as it learns.
+    A reconstruction that is not finite (a diverging epoch, rolled back after) is not used."""
+    with torch.no_grad():
+        x = data[index]
+        x_hat = networks.generator(networks.encoder(x)[0]).to(x.dtype)
+        keep = observed[index] | ~torch.isfinite(x_hat)
+        data[index] = torch.where(keep, x, x_hat)
+
+
+def _run_epoch(step, networks, optimizers, data, config, generator, deadline: float | None,
+               observed: torch.Tensor | None = None) -> dict[str, float] | None:
     """One pass over ``data`` in a random order, cut short after the minibatch that crosses
     ``deadline`` (a ``time.perf_counter`` value); None as soon as a loss is not finite.
-    ``batches_fraction`` in the result says how much of the epoch ran."""
+    ``batches_fraction`` in the result says how much of the epoch ran. With ``observed``, the
+    missing entries of each minibatch are filled anew after its step (:func:`fill_missing`)."""
     n = data.shape[0]
     order = torch.randperm(n, generator=generator, device=data.device)
     totals: dict[str, torch.Tensor] = {}
@@ -384,8 +407,13 @@ def _run_epoch(step, networks, optimizers, data, config, generator, deadline: fl
     n_batches = 0
     starts = range(0, n, config.batch_size)
     for start in starts:
-        metrics = step(networks, optimizers, data[order[start:start + config.batch_size]],
-                       config, generator)
+        index = order[start:start + config.batch_size]
+        if observed is None:
+            metrics = step(networks, optimizers, data[index], config, generator)
+        else:
+            metrics = step(networks, optimizers, data[index], config, generator,
+                           observed[index])
+            fill_missing(networks, data, observed, index)
         if not all(torch.isfinite(v) for v in metrics.values()):
             return None
         for key, value in metrics.items():
@@ -418,8 +446,14 @@ def train_networks(
     callbacks: Sequence[EpochCallback] = (),
     verbose: int = 0,
     checkpointer: Checkpointer | None = None,
+    observed: torch.Tensor | None = None,
 ) -> TrainingHistory:
     """Train ``networks`` in place on preprocessed ``data`` ``(n, ...)`` (already on the device).
+
+    ``observed`` (bool, shape of ``data``) marks the entries that were seen: the losses'
+    reconstruction terms count those only, and the others, which ``data`` must hold finite
+    (any start, e.g. 0), are refilled in place by the model's reconstruction after every
+    minibatch (:func:`fill_missing`); the encoder and the critic see the completed rows.
 
     After each epoch the metrics are checked; an epoch that produced a non-finite loss or
     parameter is undone (networks, optimizers and schedules restored to the last good epoch)
@@ -434,6 +468,8 @@ def train_networks(
         raise ValueError("the triangle objective needs an energy network; the VAE has none")
     step = select_step(config)
     data = use_training_layout(networks, data)
+    if observed is not None:
+        observed = observed.reshape(data.shape)
     optimizers = Optimizers.create(networks, config)
     schedulers = [torch.optim.lr_scheduler.ExponentialLR(o, config.lr_decay)
                   for o in optimizers.all()]
@@ -445,10 +481,12 @@ def train_networks(
             generator.set_state(resumed["generator"])
         history = TrainingHistory(epochs=list(resumed["epochs"]),
                                   rollbacks=int(resumed["rollbacks"]))
+        if observed is not None:
+            data.copy_(resumed["filled"].to(data.device).reshape(data.shape))
         logger.info("resuming from %s after epoch %d", checkpointer.path, len(history.epochs))
     try:
         _train_epochs(networks, optimizers, schedulers, step, data, config, generator,
-                      callbacks, verbose, history, checkpointer)
+                      callbacks, verbose, history, checkpointer, observed)
     finally:
         # Fitted models keep the default layout: it is what save, export and scoring expect.
         networks.to_memory_format(torch.contiguous_format)
@@ -457,7 +495,7 @@ def train_networks(
 
 
 def _train_epochs(networks, optimizers, schedulers, step, data, config, generator, callbacks,
-                  verbose, history, checkpointer) -> None:
+                  verbose, history, checkpointer, observed) -> None:
     networks.train()
     good = _snapshot(networks, optimizers, schedulers)
     epoch = len(history.epochs)  # > 0 when resuming
@@ -467,7 +505,8 @@ def _train_epochs(networks, optimizers, schedulers, step, data, config, generato
                 else time.perf_counter() + config.max_seconds)
     while epoch < config.epochs:
         started = time.perf_counter()
-        metrics = _run_epoch(step, networks, optimizers, data, config, generator, deadline)
+        metrics = _run_epoch(step, networks, optimizers, data, config, generator, deadline,
+                             observed)
         finite_params = metrics is not None and all(
             torch.isfinite(p).all() for m in networks.modules() for p in m.parameters())
         if not finite_params:
@@ -498,7 +537,10 @@ def _train_epochs(networks, optimizers, schedulers, step, data, config, generato
             checkpointer.save({"snapshot": vars(good), "epochs": history.epochs,
                                "rollbacks": history.rollbacks,
                                "generator": None if generator is None
-                               else generator.get_state()})
+                               else generator.get_state(),
+                               # the missing entries' current fill is training state too
+                               "filled": None if observed is None
+                               else data.detach().cpu().contiguous()})
         for callback in callbacks:
             callback(epoch + 1, metrics)
         logger.debug("epoch %d: %s", epoch + 1, metrics)

@@ -10,9 +10,16 @@ from __future__ import annotations
 import torch
 
 
-def reconstruction_nll(x: torch.Tensor, x_hat: torch.Tensor, sigma: float) -> torch.Tensor:
-    """-log p(x|z) for p(x|z) = N(x_hat, sigma^2 I), per sample: ``(n,)``."""
-    return 0.5 * (x - x_hat).pow(2).flatten(1).sum(1) / sigma**2
+def reconstruction_nll(x: torch.Tensor, x_hat: torch.Tensor, sigma: float,
+                       observed: torch.Tensor | None = None) -> torch.Tensor:
+    """-log p(x|z) for p(x|z) = N(x_hat, sigma^2 I), per sample: ``(n,)``.
+
+    ``observed`` (bool, shape of ``x``) restricts the sum to the observed entries: the
+    likelihood of what was seen, whatever ``x`` holds where nothing was."""
+    residual = x - x_hat
+    if observed is not None:
+        residual = torch.where(observed, residual, torch.zeros_like(residual))
+    return 0.5 * residual.pow(2).flatten(1).sum(1) / sigma**2
 
 
 def prior_nll(z: torch.Tensor) -> torch.Tensor:
@@ -54,6 +61,7 @@ def inference_loss(
     sigma: float,
     variant: str = "kl_plus",
     weights: torch.Tensor | None = None,
+    observed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Encoder step.
 
@@ -61,7 +69,7 @@ def inference_loss(
     the entropies of q cancel.
     ``"kl_plus"``: KL(Q||P) + KL(Q||Pi) = recon + ||z||^2/2 + E(x, z) - 2 H(q(z|x)).
     """
-    base = reconstruction_nll(x, x_rec, sigma) + prior_nll(z_q)
+    base = reconstruction_nll(x, x_rec, sigma, observed) + prior_nll(z_q)
     if variant == "kl_minus":
         return weighted_mean(base - energy_data, weights)
     if variant == "kl_plus":
@@ -81,16 +89,19 @@ def generator_loss(
 
 def vae_loss(
     x: torch.Tensor, x_rec: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, sigma: float,
-    weights: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None, observed: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Negative ELBO, KL(Q||P) up to a constant."""
-    return weighted_mean(reconstruction_nll(x, x_rec, sigma) + kl_to_prior(mu, logvar), weights)
+    """Negative ELBO, KL(Q||P) up to a constant (of the observed entries, with
+    ``observed``)."""
+    return weighted_mean(reconstruction_nll(x, x_rec, sigma, observed) + kl_to_prior(mu, logvar),
+                         weights)
 
 
-def trimming_weights(x: torch.Tensor, x_rec: torch.Tensor, sigma: float, fraction: float
-                     ) -> torch.Tensor | None:
+def trimming_weights(x: torch.Tensor, x_rec: torch.Tensor, sigma: float, fraction: float,
+                     observed: torch.Tensor | None = None) -> torch.Tensor | None:
     """0/1 weights ``(n,)`` that leave out the ``fraction`` of rows reconstructed worst, or
-    None for ``fraction == 0``.
+    None for ``fraction == 0``. With ``observed``, rows are ranked by their error per observed
+    entry, so that a row is not kept for having few entries.
 
     Unsupervised training data hold some anomalies; a trimmed loss (the least-trimmed-squares
     idea) keeps the model from learning to reconstruct them, so they keep their high scores.
@@ -98,7 +109,9 @@ def trimming_weights(x: torch.Tensor, x_rec: torch.Tensor, sigma: float, fractio
     if fraction <= 0:
         return None
     with torch.no_grad():
-        errors = reconstruction_nll(x, x_rec, sigma)
+        errors = reconstruction_nll(x, x_rec, sigma, observed)
+        if observed is not None:
+            errors = errors / observed.flatten(1).sum(1).clamp_min(1)
         n_kept = max(1, round((1.0 - fraction) * errors.shape[0]))
         kept = torch.topk(errors, n_kept, largest=False).indices
         weights = torch.zeros_like(errors)

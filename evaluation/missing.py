@@ -1,0 +1,249 @@
+"""Missing values: detection with cells removed, and false alarms by missing rate.
+
+Two benchmarks for ``LatentEBMDetector(missing="mask")``:
+
+- :func:`missing_suite`: ADBench tables with cells removed completely at random (10%, 30%,
+  50%) or in a structured pattern (whole feature groups missing for blocks of rows), in
+  both the training and the test rows, the same cells for every method. The detector with
+  the missing cells left out is compared with itself and with the peers behind scikit-learn
+  imputers, and every method on the complete rows is the ceiling.
+- :func:`false_alarm_suite`: on normal held-out rows of ``load_digits``, the share flagged at
+  the fitted offset and at conformal alphas, by missing rate, for the estimator and for its
+  ONNX export.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import zlib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.experimental import enable_iterative_imputer  # noqa: F401  (registers it)
+from sklearn.impute import IterativeImputer, SimpleImputer
+from sklearn.pipeline import make_pipeline
+from tqdm.auto import tqdm
+
+from anomaly import LatentEBMDetector
+from evaluation import datasets, protocols
+from evaluation.methods import MethodOptions, anomaly_scores, make_method
+from evaluation.metrics import detection_metrics
+from evaluation.results import ResultLog, mean_rank
+
+PATTERNS = ("complete", "mcar_0.1", "mcar_0.3", "mcar_0.5", "blocks")
+# Peers that refuse NaN, each run behind both imputers.
+IMPUTED_PEERS = ("isolation_forest", "lof", "pyod_knn", "pyod_ecod")
+IMPUTERS = ("median", "iterative")
+# The ADBench sets of 200 to 5,000 rows and 5 to 40 features (a rule on size, so the grid
+# fits an afternoon on 2 cores; not a choice by results).
+DEFAULT_SETS = ("Cardiotocography", "Ionosphere", "Pima", "WBC", "Wilt", "breastw", "cardio",
+                "glass", "letter", "thyroid", "vertebral", "vowels", "yeast")
+# Feature groups and row blocks of the structured pattern: rows fall into BLOCKS blocks;
+# block 0 is complete, block j misses the j-th of BLOCKS - 1 contiguous feature groups.
+BLOCKS = 4
+
+
+def removal_mask(shape: tuple[int, int], pattern: str, rng: np.random.RandomState
+                 ) -> np.ndarray:
+    """Boolean mask ``(n, d)`` of the cells to remove (True = missing) for ``pattern``.
+
+    ``mcar_<rate>``: each cell independently with probability ``rate``. ``blocks``: rows
+    split at random into ``BLOCKS`` blocks, block 0 complete and block j without the j-th of
+    ``BLOCKS - 1`` contiguous groups of features. Every row keeps at least one cell (a row
+    with none cannot be scored by anything but an imputer's constant)."""
+    n, d = shape
+    if pattern == "complete":
+        return np.zeros(shape, dtype=bool)
+    if pattern.startswith("mcar_"):
+        mask = rng.rand(n, d) < float(pattern.split("_", 1)[1])
+    elif pattern == "blocks":
+        mask = np.zeros(shape, dtype=bool)
+        block = rng.randint(0, BLOCKS, n)
+        groups = np.array_split(np.arange(d), BLOCKS - 1)
+        for j, group in enumerate(groups, start=1):
+            mask[np.ix_(block == j, group)] = True
+    else:
+        raise ValueError(f"unknown missing pattern {pattern!r}; expected {PATTERNS}")
+    empty = np.flatnonzero(mask.all(axis=1))
+    mask[empty, rng.randint(0, d, len(empty))] = False
+    return mask
+
+
+def _imputer(kind: str, seed: int):
+    if kind == "median":
+        return SimpleImputer(strategy="median")
+    return IterativeImputer(max_iter=10, random_state=seed)
+
+
+def method_names(pattern: str) -> list[str]:
+    """The methods run on ``pattern``: on complete rows each base method once (the
+    ceilings); with missing cells the detector leaving them out, the detector behind the
+    median imputer and every peer behind each imputer."""
+    if pattern == "complete":
+        return ["triangle", *IMPUTED_PEERS]
+    return ["triangle_mask", "triangle_median",
+            *(f"{peer}_{kind}" for peer in IMPUTED_PEERS for kind in IMPUTERS)]
+
+
+def base_method(name: str) -> str:
+    """The complete-data method whose score is ``name``'s ceiling."""
+    if name.startswith("triangle"):
+        return "triangle"
+    for kind in IMPUTERS:
+        if name.endswith(f"_{kind}"):
+            return name[:-len(kind) - 1]
+    return name
+
+
+def build(name: str, seed: int, options: MethodOptions):
+    """A fresh method by name (see :func:`method_names`)."""
+    if name in ("triangle", "triangle_mask"):
+        params = {**options.detector_params, "missing": "mask"}
+        return make_method("triangle", seed, MethodOptions(options.epochs, None, params))
+    if name == "triangle_median":
+        return make_pipeline(SimpleImputer(strategy="median"),
+                             make_method("triangle", seed, options))
+    peer = base_method(name)
+    if peer == name:
+        return make_method(name, seed, options)
+    return make_pipeline(_imputer(name[len(peer) + 1:], seed), make_method(peer, seed, options))
+
+
+def _cells_seed(dataset: str, pattern: str, seed: int) -> int:
+    """The same removed cells for every method of one (dataset, pattern, seed)."""
+    return zlib.crc32(f"{dataset}/{pattern}/{seed}".encode())
+
+
+def missing_suite(files: Mapping[str, Path], *, seeds: Sequence[int], log: ResultLog,
+                  patterns: Sequence[str] = PATTERNS, options: MethodOptions | None = None,
+                  verbose: bool = True) -> None:
+    """Every (dataset, pattern, seed, method) not yet in ``log``: ADBench's split
+    (:func:`protocols.tabular`), the cells of :func:`removal_mask` removed from training
+    and test rows, fit on the training rows, AUROC / AUPRC on the test rows."""
+    options = options or MethodOptions(epochs=30)
+    jobs = [(name, pattern, seed, method) for name in files for pattern in patterns
+            for seed in seeds for method in method_names(pattern)]
+    todo = [j for j in jobs if not log.done(dataset=j[0], target=j[1], seed=j[2], method=j[3])]
+    loaded: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for name, pattern, seed, method_name in tqdm(todo, desc="missing values", disable=not verbose):
+        if name not in loaded:
+            loaded.clear()
+            loaded[name] = datasets.load_adbench_file(files[name])
+        split = protocols.tabular(*loaded[name], seed)
+        rng = np.random.RandomState(_cells_seed(name, pattern, seed))
+        X_train = np.where(removal_mask(split.X_train.shape, pattern, rng), np.nan,
+                           split.X_train)
+        X_test = np.where(removal_mask(split.X_test.shape, pattern, rng), np.nan,
+                          split.X_test)
+        row = {"dataset": name, "target": pattern, "seed": seed, "method": method_name,
+               "missing_share": round(float(np.isnan(X_test).mean()), 4)}
+        try:
+            method = build(method_name, seed, options).fit(X_train)
+            scores = anomaly_scores(method, X_test)
+        except Exception as err:  # a failure is a result: recorded, the grid goes on
+            log.append({**row, "auroc": np.nan, "auprc": np.nan,
+                        "error": f"{type(err).__name__}: {err}"})
+            continue
+        finite = bool(np.isfinite(scores).all())
+        metrics = (detection_metrics(split.y_test, scores) if finite
+                   else {"auroc": np.nan, "auprc": np.nan})
+        log.append({**row, **metrics, "error": "" if finite else "non-finite scores"})
+
+
+def missing_tables(frame: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Mean AUROC and AUPRC over datasets (of the per-dataset means over seeds) per pattern,
+    the mean rank per pattern, and each method's mean loss of AUROC against its own
+    complete-data ceiling (the same base method on the complete rows)."""
+    per_set = (frame.groupby(["target", "method", "dataset"])[["auroc", "auprc"]].mean()
+               .reset_index())
+    tables = {}
+    for metric in ("auroc", "auprc"):
+        table = per_set.pivot_table(index="method", columns="target", values=metric,
+                                    aggfunc="mean")
+        tables[f"mean_{metric}"] = table[[p for p in PATTERNS if p in table.columns]]
+    ranks = {}
+    for pattern in PATTERNS:
+        if pattern == "complete" or pattern not in set(per_set["target"]):
+            continue
+        grid = per_set[per_set["target"] == pattern].pivot(index="dataset", columns="method",
+                                                           values="auroc")
+        ranks[pattern] = mean_rank(grid)
+    if ranks:
+        tables["mean_rank"] = pd.DataFrame(ranks)
+    ceiling = per_set[per_set["target"] == "complete"].set_index(["method", "dataset"])["auroc"]
+    losses = per_set[per_set["target"] != "complete"].copy()
+    keys = list(zip(losses["method"].map(base_method), losses["dataset"], strict=True))
+    losses["loss"] = ceiling.reindex(keys).to_numpy() - losses["auroc"].to_numpy()
+    if losses["loss"].notna().any():
+        loss = losses.pivot_table(index="method", columns="target", values="loss",
+                                  aggfunc="mean")
+        tables["auroc_loss_vs_complete"] = loss[[p for p in PATTERNS if p in loss.columns]]
+    return tables
+
+
+def false_alarm_suite(*, classes: Sequence[int], seeds: Sequence[int],
+                      train_rates: Sequence[float] = (0.0, 0.3),
+                      test_rates: Sequence[float] = (0.0, 0.2, 0.5),
+                      alphas: Sequence[float] = (0.05, 0.1), epochs: int = 30,
+                      detector_params: Mapping | None = None, log: ResultLog,
+                      verbose: bool = True) -> None:
+    """Share of normal held-out ``load_digits`` rows flagged, by missing rate.
+
+    Per (held-out digit, seed, training missing rate): fit ``missing="mask"`` with 20% of
+    the training rows held out for calibration (so that both the fitted offset,
+    ``contamination="auto"``, and conformal p-values exist); remove cells of the normal test
+    rows completely at random at each test rate; count the rows flagged at the offset and at
+    each alpha, by the estimator and by its ONNX export on ONNX Runtime."""
+    from serving.runtime import OnnxDetector
+
+    X, y = datasets.digits()
+    X = X.reshape(len(X), -1)
+    jobs = [(c, s, r) for c in classes for s in seeds for r in train_rates]
+    todo = [j for j in jobs if not log.done(dataset="digits", target=j[0], seed=j[1],
+                                            method=f"train_missing_{j[2]}")]
+    for digit, seed, train_rate in tqdm(todo, desc="false alarms", disable=not verbose):
+        split = protocols.held_out_class(X, y, digit)
+        rng = np.random.RandomState(_cells_seed(f"digits{digit}", f"mcar_{train_rate}", seed))
+        X_train = np.where(rng.rand(*split.X_train.shape) < train_rate, np.nan, split.X_train)
+        detector = LatentEBMDetector(**{**(detector_params or {}), "missing": "mask",
+                                        "epochs": epochs, "calibration": 0.2,
+                                        "random_state": seed}).fit(X_train)
+        normal = split.X_test[split.y_test == 0]
+        row = {"dataset": "digits", "target": digit, "seed": seed,
+               "method": f"train_missing_{train_rate}", "n_normal": len(normal)}
+        with tempfile.TemporaryDirectory() as tmp:
+            onnx = OnnxDetector(detector.to_onnx(Path(tmp) / "scorer.onnx"))
+            for rate in test_rates:
+                cells = rng.rand(*normal.shape) < rate
+                cells[cells.all(axis=1), 0] = False
+                rows = np.where(cells, np.nan, normal)
+                p_values = detector.p_values(rows)
+                exported = onnx.score_all(rows)
+                row[f"offset_fa_{rate}"] = float((detector.decision_function(rows) < 0).mean())
+                row[f"onnx_offset_fa_{rate}"] = float((exported["decision"] < 0).mean())
+                for alpha in alphas:
+                    row[f"alpha_{alpha}_fa_{rate}"] = float((p_values <= alpha).mean())
+                    row[f"onnx_alpha_{alpha}_fa_{rate}"] = float(
+                        (exported["p_value"] <= alpha).mean())
+        log.append(row)
+
+
+def false_alarm_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """False-alarm rates pooled over digits and seeds (weighted by normal rows), one row per
+    (training missing rate, test missing rate)."""
+    rows = []
+    for method, group in frame.groupby("method"):
+        weights = group["n_normal"].to_numpy()
+        rates = sorted({c.rsplit("_", 1)[1] for c in group.columns if c.startswith("offset_fa_")},
+                       key=float)
+        for rate in rates:
+            out = {"training missing": method.rsplit("_", 1)[1], "test missing": rate,
+                   "normal rows": int(weights.sum())}
+            for column in group.columns:
+                if column.endswith(f"_fa_{rate}"):
+                    name = column[:-len(f"_fa_{rate}")]
+                    out[name] = float(np.average(group[column], weights=weights))
+            rows.append(out)
+    return pd.DataFrame(rows).set_index(["training missing", "test missing"])
