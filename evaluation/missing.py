@@ -23,7 +23,6 @@ import numpy as np
 import pandas as pd
 from sklearn.experimental import enable_iterative_imputer  # noqa: F401  (registers it)
 from sklearn.impute import IterativeImputer, SimpleImputer
-from sklearn.pipeline import make_pipeline
 from tqdm.auto import tqdm
 
 from anomaly import LatentEBMDetector
@@ -98,17 +97,30 @@ def base_method(name: str) -> str:
 
 
 def build(name: str, seed: int, options: MethodOptions):
-    """A fresh method by name (see :func:`method_names`)."""
+    """A fresh method by name (see :func:`method_names`); a peer behind an imputer is
+    returned without it (the suite imputes once for all peers, see :func:`impute`)."""
     if name in ("triangle", "triangle_mask"):
         params = {**options.detector_params, "missing": "mask"}
         return make_method("triangle", seed, MethodOptions(options.epochs, None, params))
     if name == "triangle_median":
-        return make_pipeline(SimpleImputer(strategy="median"),
-                             make_method("triangle", seed, options))
+        return make_method("triangle", seed, options)
+    return make_method(base_method(name), seed, options)
+
+
+def imputer_of(name: str) -> str | None:
+    """The imputer ``name`` runs behind, or None."""
+    if name == "triangle_median":
+        return "median"
     peer = base_method(name)
-    if peer == name:
-        return make_method(name, seed, options)
-    return make_pipeline(_imputer(name[len(peer) + 1:], seed), make_method(peer, seed, options))
+    return None if peer == name or name.startswith("triangle") else name[len(peer) + 1:]
+
+
+def impute(kind: str, X_train: np.ndarray, X_test: np.ndarray, seed: int
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """Training and test rows completed by the imputer ``kind`` fitted on the training
+    rows, as a scikit-learn ``Pipeline`` of the imputer and a method would do."""
+    imputer = _imputer(kind, seed).fit(X_train)
+    return imputer.transform(X_train), imputer.transform(X_test)
 
 
 def _cells_seed(dataset: str, pattern: str, seed: int) -> int:
@@ -127,27 +139,37 @@ def missing_suite(files: Mapping[str, Path], *, seeds: Sequence[int], log: Resul
             for seed in seeds for method in method_names(pattern)]
     todo = [j for j in jobs if not log.done(dataset=j[0], target=j[1], seed=j[2], method=j[3])]
     loaded: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    prepared: dict[tuple, tuple[np.ndarray, ...]] = {}  # one (dataset, pattern, seed) at a time
     for name, pattern, seed, method_name in tqdm(todo, desc="missing values", disable=not verbose):
         if name not in loaded:
             loaded.clear()
             loaded[name] = datasets.load_adbench_file(files[name])
-        split = protocols.tabular(*loaded[name], seed)
-        rng = np.random.RandomState(_cells_seed(name, pattern, seed))
-        X_train = np.where(removal_mask(split.X_train.shape, pattern, rng), np.nan,
-                           split.X_train)
-        X_test = np.where(removal_mask(split.X_test.shape, pattern, rng), np.nan,
-                          split.X_test)
+        if (name, pattern, seed) not in prepared:
+            prepared.clear()
+            split = protocols.tabular(*loaded[name], seed)
+            rng = np.random.RandomState(_cells_seed(name, pattern, seed))
+            X_train = np.where(removal_mask(split.X_train.shape, pattern, rng), np.nan,
+                               split.X_train)
+            X_test = np.where(removal_mask(split.X_test.shape, pattern, rng), np.nan,
+                              split.X_test)
+            prepared[(name, pattern, seed)] = (X_train, X_test, split.y_test)
+            imputed: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        X_train, X_test, y_test = prepared[(name, pattern, seed)]
         row = {"dataset": name, "target": pattern, "seed": seed, "method": method_name,
                "missing_share": round(float(np.isnan(X_test).mean()), 4)}
         try:
-            method = build(method_name, seed, options).fit(X_train)
-            scores = anomaly_scores(method, X_test)
+            kind = imputer_of(method_name)
+            if kind is not None and kind not in imputed:
+                imputed[kind] = impute(kind, X_train, X_test, seed)
+            train, test = (X_train, X_test) if kind is None else imputed[kind]
+            method = build(method_name, seed, options).fit(train)
+            scores = anomaly_scores(method, test)
         except Exception as err:  # a failure is a result: recorded, the grid goes on
             log.append({**row, "auroc": np.nan, "auprc": np.nan,
                         "error": f"{type(err).__name__}: {err}"})
             continue
         finite = bool(np.isfinite(scores).all())
-        metrics = (detection_metrics(split.y_test, scores) if finite
+        metrics = (detection_metrics(y_test, scores) if finite
                    else {"auroc": np.nan, "auprc": np.nan})
         log.append({**row, **metrics, "error": "" if finite else "non-finite scores"})
 

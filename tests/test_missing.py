@@ -1,0 +1,212 @@
+"""Missing values: missing='mask' learns and scores with NaN entries left out, on every path;
+missing='error' refuses them everywhere."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from anomaly import LatentEBMDetector
+from evaluation import cli
+from evaluation.missing import removal_mask
+from serving.runtime import OnnxDetector
+from tests.conftest import TINY
+from training import objectives
+from training.loop import fill_missing
+from training.networks import NetworkConfig, build_networks
+
+RNG = np.random.RandomState(0)
+TABLE = RNG.normal(size=(240, 6)) @ RNG.normal(size=(6, 6))  # correlated columns
+FIT = dict(TINY, epochs=4, width=16, latent_dim=3)
+
+
+def _holes(X, rate, seed=1):
+    """``X`` with a ``rate`` of its entries set to NaN at random, no row left empty."""
+    mask = removal_mask(X.reshape(len(X), -1).shape, f"mcar_{rate}",
+                        np.random.RandomState(seed)).reshape(X.shape)
+    return np.where(mask, np.nan, X.astype(np.float64))
+
+
+@pytest.fixture(scope="module")
+def masked_model():
+    return LatentEBMDetector(**FIT, missing="mask", random_state=0).fit(_holes(TABLE, 0.3))
+
+
+def test_the_reconstruction_term_counts_observed_entries_only():
+    x, x_hat = torch.randn(4, 5), torch.randn(4, 5)
+    observed = torch.rand(4, 5) > 0.4
+    other = torch.where(observed, x, torch.randn(4, 5) * 100)  # anything where unobserved
+    value = objectives.reconstruction_nll(x, x_hat, 0.5, observed)
+    torch.testing.assert_close(objectives.reconstruction_nll(other, x_hat, 0.5, observed), value)
+    torch.testing.assert_close(value, 0.5 * ((x - x_hat) * observed).pow(2).sum(1) / 0.25)
+
+
+def test_training_fills_missing_entries_with_the_reconstruction_and_keeps_observed():
+    networks = build_networks(NetworkConfig(input_shape=(5,), latent_dim=2, width=8, depth=1),
+                              with_energy=False)
+    data = torch.randn(10, 5)
+    observed = torch.rand(10, 5) > 0.5
+    before = data.clone()
+    index = torch.tensor([1, 3, 4])
+    fill_missing(networks, data, observed, index)
+    with torch.no_grad():
+        expected = networks.generator(networks.encoder(before[index])[0])
+    rows = data[index]
+    torch.testing.assert_close(rows[observed[index]], before[index][observed[index]])
+    torch.testing.assert_close(rows[~observed[index]], expected[~observed[index]])
+    untouched = torch.ones(10, dtype=torch.bool)
+    untouched[index] = False
+    torch.testing.assert_close(data[untouched], before[untouched])
+
+
+def test_fit_and_score_tables_with_missing_cells(masked_model):
+    det = masked_model
+    assert det.__sklearn_tags__().input_tags.allow_nan
+    X = _holes(TABLE[:50], 0.4, seed=2)
+    for scores in (det.score_samples(X), det.decision_function(X)):
+        assert np.isfinite(scores).all()
+    assert set(det.predict(X)) <= {-1, 1}
+    # observed entries come back unchanged, missing ones filled
+    filled = det.reconstruct(X)
+    assert np.isfinite(filled).all()
+    maps = det.feature_scores(X)
+    assert (maps[np.isnan(X)] == 0).all()  # a missing entry holds no evidence
+    np.testing.assert_allclose(maps.sum(1), -det.score_samples(X), rtol=1e-9)
+    assert det.encode(X).shape == (50, 3)
+
+
+def test_preprocessing_statistics_come_from_observed_entries(masked_model):
+    X = _holes(TABLE, 0.3)
+    np.testing.assert_allclose(masked_model.scorer_.shift.numpy(), np.nanmean(X, axis=0))
+    np.testing.assert_allclose(masked_model.scorer_.scale.numpy(), np.nanstd(X, axis=0))
+
+
+def test_missing_rate_calibration_keeps_normal_rows_where_complete_ones_are(masked_model):
+    det = masked_model
+    rows = TABLE[:200]
+    complete = np.median(det.score_samples(rows))
+    sparse = det.score_samples(_holes(rows, 0.5, seed=3))
+    spread = np.subtract(*np.percentile(det.score_samples(rows), [75, 25]))
+    assert abs(np.median(sparse) - complete) < 0.25 * spread
+    # without the calibration, the same rows drift (what the calibration corrects)
+    scorer = det.scorer_
+    saved = scorer.missing_rates
+    try:
+        scorer.missing_rates = torch.zeros(0, dtype=torch.float64)
+        raw = det.score_samples(_holes(rows, 0.5, seed=3))
+        assert np.isfinite(raw).all()
+        assert not np.allclose(raw, sparse)
+        uncalibrated_complete = det.score_samples(rows[:20])
+    finally:
+        scorer.missing_rates = saved
+    # complete rows are untouched by the calibration
+    np.testing.assert_array_equal(det.score_samples(rows[:20]), uncalibrated_complete)
+
+
+def test_images_with_missing_pixels(images):
+    occluded = _holes(images, 0.3)
+    det = LatentEBMDetector(**TINY, missing="mask", random_state=0).fit(occluded)
+    scores = det.score_samples(occluded)
+    assert scores.shape == (len(images),) and np.isfinite(scores).all()
+    assert det.feature_scores(occluded).shape == images.shape
+
+
+def test_missing_error_refuses_nan_with_a_clear_message(tabular):
+    X = tabular.copy()
+    X[3, 2] = np.nan
+    with pytest.raises(ValueError, match="missing='mask'"):
+        LatentEBMDetector(**TINY).fit(X)
+    det = LatentEBMDetector(**TINY, random_state=0).fit(tabular)
+    assert not det.__sklearn_tags__().input_tags.allow_nan
+    for method in (det.score_samples, det.predict, det.decision_function, det.feature_scores,
+                   det.encode, det.reconstruct):
+        with pytest.raises(ValueError, match="does not take missing values"):
+            method(X)
+
+
+def test_rows_and_columns_without_any_observed_value_are_refused(masked_model, tabular):
+    X = _holes(TABLE[:10], 0.2)
+    X[4] = np.nan
+    with pytest.raises(ValueError, match=r"every entry missing.*rows \[4\]"):
+        masked_model.score_samples(X)
+    with pytest.raises(ValueError, match=r"every entry missing"):
+        LatentEBMDetector(**TINY, missing="mask").fit(X)
+    Y = tabular.copy()
+    Y[:, 1] = np.nan
+    with pytest.raises(ValueError, match=r"columns \[1\] of X hold no observed value"):
+        LatentEBMDetector(**TINY, missing="mask").fit(Y)
+    with pytest.raises(ValueError, match="infinity|inf"):
+        masked_model.score_samples(np.where(np.isnan(X), np.inf, X))
+    with pytest.raises(ValueError, match="missing must be one of"):
+        LatentEBMDetector(**TINY, missing="impute").fit(tabular)
+
+
+def test_onnx_completes_missing_cells_inside_the_graph_with_parity(masked_model, tmp_path):
+    det = masked_model
+    path = det.to_onnx(tmp_path / "m.onnx")
+    runtime = OnnxDetector(path)
+    assert runtime.allows_missing_
+    X = _holes(TABLE[:60], 0.35, seed=5)
+    np.testing.assert_allclose(runtime.score_samples(X), det.score_samples(X), rtol=1e-5,
+                               atol=1e-5)
+    np.testing.assert_array_equal(runtime.predict(X), det.predict(X))
+    np.testing.assert_allclose(runtime.feature_scores(X), det.feature_scores(X), rtol=1e-5,
+                               atol=1e-5)
+    # JSON null arrives as None in an object array
+    with_none = np.where(np.isnan(X), None, X).astype(object)
+    np.testing.assert_allclose(runtime.score_samples(with_none), det.score_samples(X),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="every entry missing"):
+        runtime.score_samples(np.full((1, 6), np.nan))
+    assert any(node.op_type == "IsNaN" for node in __import__("onnx").load(path).graph.node)
+
+
+def test_a_model_fitted_without_missing_values_refuses_them_on_every_path(tabular, tmp_path,
+                                                                           capsys):
+    det = LatentEBMDetector(**TINY, random_state=0).fit(tabular)
+    runtime = OnnxDetector(det.to_onnx(tmp_path / "plain.onnx"))
+    assert not runtime.allows_missing_
+    X = tabular[:5].copy()
+    X[0, 0] = np.nan
+    with pytest.raises(ValueError, match="does not take missing values"):
+        runtime.score_samples(X)
+    pd.DataFrame(X).to_csv(tmp_path / "holes.csv", index=False)
+    for model in (tmp_path / "plain.onnx", det.save(tmp_path / "plain")):
+        code = cli.main(["score", str(model), str(tmp_path / "holes.csv"),
+                         "--out", str(tmp_path / "s.csv")])
+        assert code == 2 and "missing" in capsys.readouterr().err
+
+
+def test_score_cli_reads_empty_csv_cells_as_missing(masked_model, tmp_path):
+    X = _holes(TABLE[:20], 0.3, seed=7)
+    pd.DataFrame(X).to_csv(tmp_path / "holes.csv", index=False)  # NaN -> empty cells
+    assert ",," in (tmp_path / "holes.csv").read_text() or "\n," in (
+        tmp_path / "holes.csv").read_text()
+    path = masked_model.to_onnx(tmp_path / "m.onnx")
+    for model in (path, masked_model.save(tmp_path / "saved")):
+        assert cli.main(["score", str(model), str(tmp_path / "holes.csv"),
+                         "--out", str(tmp_path / "s.csv")]) == 0
+        np.testing.assert_allclose(pd.read_csv(tmp_path / "s.csv").score_samples,
+                                   masked_model.score_samples(X), rtol=1e-5, atol=1e-5)
+
+
+def test_save_and_load_keep_the_missing_setting(masked_model, tmp_path):
+    loaded = LatentEBMDetector.load(masked_model.save(tmp_path / "m"))
+    X = _holes(TABLE[:30], 0.3, seed=9)
+    assert loaded.scorer_.allows_missing
+    np.testing.assert_array_equal(loaded.score_samples(X), masked_model.score_samples(X))
+
+
+def test_a_fit_with_missing_values_resumes_to_the_uninterrupted_model(tmp_path):
+    X = _holes(TABLE, 0.3)
+    params = dict(FIT, epochs=5, missing="mask", random_state=0)
+
+    def stop_at_3(epoch, metrics):
+        if epoch == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        LatentEBMDetector(**params).fit(X, callbacks=[stop_at_3], checkpoint_dir=tmp_path)
+    resumed = LatentEBMDetector(**params).fit(X, checkpoint_dir=tmp_path, resume=True)
+    uninterrupted = LatentEBMDetector(**params).fit(X)
+    np.testing.assert_array_equal(resumed.score_samples(X), uninterrupted.score_samples(X))
