@@ -28,7 +28,6 @@ from training.checkpoint import Checkpointer
 from training.loop import EpochCallback
 from training.scorer import CALIBRATION_ROWS, CHUNK_ROWS
 
-
 MISSING_OPTIONS = ("error", "mask")
 
 

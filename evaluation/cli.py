@@ -17,7 +17,7 @@ from pathlib import Path
 
 SUITES = ("quick", "digits", "mnist", "images", "adbench", "tabular", "reconstruction",
           "inpainting", "speed", "serving", "rest", "spark", "robustness", "calibration",
-          "localisation", "missing", "missing-alarms")
+          "localisation", "missing", "missing-alarms", "missing-images")
 IMAGE_DEFAULT_CLASSES = (1, 4, 5, 7, 9)
 DEFAULT_METHODS = ("triangle", "vae_ablation", "isolation_forest", "lof", "ocsvm")
 # On load_digits a plain nearest-neighbour score in pixel space is the strongest peer.
@@ -82,7 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "missing='mask' against itself and the peers behind imputers "
                             "(--data: the ADBench directory); "
                             "missing-alarms: false-alarm rate on normal load_digits rows "
-                            "by missing rate, estimator and ONNX")
+                            "by missing rate, estimator and ONNX; "
+                            "missing-images: learning from incomplete MNIST training images "
+                            "(the paper's masks), recovery error against imputers (--data: "
+                            "the MNIST directory)")
     bench.add_argument("--data", type=Path, default=None,
                        help="data directory: speed takes the MNIST npz directory, serving "
                             "the shared data root (with mnist/ and adbench/); random data if "
@@ -153,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--alpha", type=float, default=None,
                      help="flag p-values at most ALPHA (with --calibration)")
     fit.add_argument("--contamination", default=None, help="auto or a fraction in (0, 0.5]")
+    fit.add_argument("--missing", choices=("error", "mask"), default=None,
+                     help="mask: learn with empty cells / NaN left out, and let the saved "
+                          "and exported model score rows with missing entries (default: "
+                          "error, refuse them)")
     fit.add_argument("--random-state", type=int, default=None)
     fit.add_argument("--params", type=_json_object, default={},
                      help="JSON object of any other LatentEBMDetector parameters")
@@ -293,7 +300,7 @@ def run_bench(args: argparse.Namespace) -> int:
         for name, table in tables.items():
             print(f"\n{name}\n{markdown(table)}")
         return 0
-    if args.suite in ("missing", "missing-alarms"):
+    if args.suite in ("missing", "missing-alarms", "missing-images"):
         return _run_missing_suite(args, out, epochs, detector_params)
     if args.suite == "calibration":
         from evaluation.calibration import (
@@ -347,6 +354,21 @@ def _run_missing_suite(args: argparse.Namespace, out: Path, epochs, detector_par
     from evaluation.methods import MethodOptions
     from evaluation.results import ResultLog, markdown, write_tables
 
+    if args.suite == "missing-images":
+        from evaluation.masks import MASKS
+
+        if args.data is None:
+            raise SystemExit("missing-images needs --data: the MNIST npz directory")
+        images = datasets.mnist(args.data)[0][:missing.IMAGE_ROWS]
+        log = ResultLog(out / "incomplete_images.csv")
+        missing.incomplete_images_suite(images, masks=MASKS,
+                                        seed=args.seeds[0] if args.seeds else 0,
+                                        epochs=epochs if epochs is not None else 5, log=log,
+                                        detector_params=detector_params)
+        tables = {"recovery_error": missing.incomplete_images_table(log.frame())}
+        write_tables(tables, out)
+        print(markdown(tables["recovery_error"], digits=4))
+        return 0
     epochs = epochs if epochs is not None else 30
     if args.suite == "missing-alarms":
         log = ResultLog(out / "false_alarms.csv")
@@ -522,7 +544,8 @@ def _fit_params(args: argparse.Namespace) -> dict:
     options = {"objective": args.objective, "score_rule": args.score_rule,
                "epochs": args.epochs, "image_shape": args.image_shape,
                "latent_dim": args.latent_dim, "calibration": args.calibration,
-               "alpha": args.alpha, "random_state": args.random_state}
+               "alpha": args.alpha, "random_state": args.random_state,
+               "missing": args.missing}
     params.update({k: v for k, v in options.items() if v is not None})
     if args.max_training_minutes is not None:
         params["max_training_seconds"] = 60.0 * args.max_training_minutes

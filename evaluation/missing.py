@@ -269,3 +269,83 @@ def false_alarm_table(frame: pd.DataFrame) -> pd.DataFrame:
                     out[name] = float(np.average(group[column], weights=weights))
             rows.append(out)
     return pd.DataFrame(rows).set_index(["training missing", "test missing"])
+
+
+# Training images of the learning-from-incomplete-images suite: the first 10,000 of MNIST's
+# training set, so that KNNImputer's distances (n x n) fit in memory and time.
+IMAGE_ROWS = 10_000
+IMAGE_METHODS = ("triangle_incomplete", "vae_incomplete", "triangle_complete", "vae_complete",
+                 "knn_imputer", "mean_fill")
+
+
+def incomplete_images_suite(images: np.ndarray, *, masks: Sequence[str], seed: int,
+                            epochs: int, log: ResultLog, detector_params: Mapping | None = None,
+                            methods: Sequence[str] = IMAGE_METHODS, verbose: bool = True
+                            ) -> None:
+    """Learning from incomplete images, as in the divergence-triangle paper: each training
+    image ``(n, H, W)`` loses the pixels of one occlusion mask of kind ``masks`` (a fresh
+    mask per image), and each method recovers them; the error is the mean absolute
+    difference on the occluded pixels over the pixel range (lower is better).
+
+    ``*_incomplete``: the triangle / its VAE ablation fitted with ``missing="mask"`` on the
+    occluded images, which then inpaint them; ``*_complete``: the same models fitted on the
+    complete images (the inpainting suite's setting, a reference the incomplete models
+    cannot see); ``knn_imputer``: scikit-learn's ``KNNImputer`` on the occluded rows;
+    ``mean_fill``: the mean of each pixel's observed values."""
+    from sklearn.impute import KNNImputer
+
+    from evaluation.masks import inpainting_error, occlusion_mask
+
+    low, high = float(images.min()), float(images.max())
+    n, height, width = images.shape
+    params = {**(detector_params or {}), "epochs": epochs, "random_state": seed}
+    complete_models: dict[str, LatentEBMDetector] = {}
+    jobs = [(kind, m) for kind in masks for m in methods]
+    todo = [j for j in jobs if not log.done(dataset="mnist", target=j[0], seed=seed,
+                                            method=j[1])]
+    for kind, method in tqdm(todo, desc="incomplete images", disable=not verbose):
+        rng = np.random.RandomState(_cells_seed("mnist-images", kind, seed))
+        mask = occlusion_mask(kind, n, height, width, rng)
+        occluded = np.where(mask, np.nan, images.astype(np.float64))
+        objective = "vae" if method.startswith("vae") else "triangle"
+        if method.endswith("_incomplete"):
+            model = LatentEBMDetector(**params, objective=objective, missing="mask")
+            filled = model.fit(occluded).inpaint(occluded, mask)
+        elif method.endswith("_complete"):
+            if method not in complete_models:
+                complete_models[method] = LatentEBMDetector(**params, objective=objective
+                                                            ).fit(images)
+            filled = complete_models[method].inpaint(occluded, mask)
+        elif method == "knn_imputer":
+            filled = KNNImputer(n_neighbors=5).fit_transform(occluded.reshape(n, -1))
+            # a pixel never observed in any image is dropped by the imputer: fill it with 0s
+            filled = _restore_dropped(filled, occluded.reshape(n, -1), low).reshape(images.shape)
+        elif method == "mean_fill":
+            means = np.nanmean(occluded.reshape(n, -1), axis=0)
+            means = np.where(np.isnan(means), low, means).reshape(height, width)
+            filled = np.where(mask, means, images)
+        else:
+            raise ValueError(f"unknown method {method!r}; expected {IMAGE_METHODS}")
+        log.append({"dataset": "mnist", "target": kind, "seed": seed, "method": method,
+                    "n_images": n, "recovery_error": inpainting_error(
+                        images.astype(np.float64), filled, mask, high - low)})
+
+
+def incomplete_images_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """Recovery error per mask (rows, in the order of ``MASKS``) and method (columns)."""
+    from evaluation.masks import MASKS
+
+    table = frame.pivot_table(index="target", columns="method", values="recovery_error",
+                              aggfunc="mean")
+    return table.loc[[m for m in MASKS if m in table.index],
+                     [m for m in IMAGE_METHODS if m in table.columns]]
+
+
+def _restore_dropped(filled: np.ndarray, occluded: np.ndarray, fill: float) -> np.ndarray:
+    """Put back the columns an imputer dropped for having no observed value, as ``fill``."""
+    kept = ~np.isnan(occluded).all(axis=0)
+    if kept.all():
+        return filled
+    out = np.full(occluded.shape, fill)
+    out[:, kept] = filled
+    return out

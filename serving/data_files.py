@@ -54,6 +54,8 @@ def _read_csv(path: Path):
     with open(path, newline="") as file:
         first = next(csv.reader(file), [])
     column_numbers = [str(i) for i in range(len(names))]
-    if first and all(_is_number(v) for v in first) and first != column_numbers:
+    # an empty field is a missing value, not a column name; a line of them is no header
+    values = [v for v in first if v.strip()]
+    if values and all(_is_number(v) for v in values) and first != column_numbers:
         return pd.read_csv(path, header=None)
     return frame

@@ -244,3 +244,28 @@ def test_fit_command_logs_and_registers(tracking, tmp_path, capsys):
                                rtol=1e-5, atol=1e-5)
     assert cli.main([*args[:-4], "--register", "x"]) == 2
     assert "needs --mlflow-experiment" in capsys.readouterr().err
+
+
+def test_pyfunc_and_rest_take_missing_cells_for_a_model_fitted_with_them(tracking):
+    holes = X.copy()
+    holes[np.random.RandomState(3).rand(*X.shape) < 0.25] = np.nan
+    holes[np.isnan(holes).all(axis=1), 0] = 0.0
+    masked = LatentEBMDetector(**TINY, missing="mask", random_state=0).fit(holes)
+    with mlflow.start_run():
+        info = log_model(masked, "m", registered_model_name="masked")
+    columns = [f"x{i}" for i in range(4)]
+    frame = pd.DataFrame(holes[:12], columns=columns)
+    out = load_model(info.model_uri).predict(frame)
+    np.testing.assert_allclose(out["score_samples"], masked.score_samples(holes[:12]),
+                               rtol=1e-5, atol=1e-5)
+    with mlflow_server("models:/masked/1", tracking_uri=tracking) as base:
+        rows = [[None if np.isnan(v) else v for v in row] for row in holes[:12].tolist()]
+        answer = requests.post(f"{base}/invocations", timeout=30, json={
+            "dataframe_split": {"columns": columns, "data": rows}})  # JSON null
+        assert answer.status_code == 200, answer.text
+        got = pd.DataFrame(answer.json()["predictions"])
+        np.testing.assert_allclose(got["score_samples"], masked.score_samples(holes[:12]),
+                                   rtol=1e-5, atol=1e-5)
+        empty = requests.post(f"{base}/invocations", timeout=30, json={
+            "dataframe_split": {"columns": columns, "data": [[None] * 4]}})
+        assert empty.status_code == 400 and "every entry missing" in empty.json()["message"]

@@ -8,6 +8,8 @@ from tests.conftest import TINY
 
 @parametrize_with_checks([LatentEBMDetector(**TINY, random_state=0),
                           LatentEBMDetector(**TINY, objective="vae", contamination=0.1,
-                                            random_state=0)])
+                                            random_state=0),
+                          # allow_nan: the checks then also fit and score rows with NaN
+                          LatentEBMDetector(**TINY, missing="mask", random_state=0)])
 def test_sklearn_compatible(estimator, check):
     check(estimator)
