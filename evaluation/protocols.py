@@ -1,4 +1,4 @@
-"""Train/test splits of DESIGN.md section 5."""
+"""Train/test splits of docs/design.md section 5."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Divergence-triangle and VAE losses as pure functions of tensors.
 
 Per-sample terms return shape ``(n,)``; the step losses return scalars (batch means).
-Notation follows DESIGN.md section 1: Q = q_data(x) q(z|x), P = p(z) p(x|z),
+Notation follows docs/design.md section 1: Q = q_data(x) q(z|x), P = p(z) p(x|z),
 Pi ∝ exp(-E(x, z)). Constants (log 2π, log Z) are dropped: they cancel in every gradient.
 """
 
