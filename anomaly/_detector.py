@@ -6,12 +6,15 @@ import hashlib
 import numbers
 import warnings
 from collections.abc import Sequence
+from numbers import Integral, Real
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
-from sklearn.base import BaseEstimator, OutlierMixin
+from sklearn.base import BaseEstimator, OutlierMixin, _fit_context
 from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from anomaly._validation import image_shape_tuple, validate_samples
@@ -25,10 +28,24 @@ from training import (
     train_networks,
 )
 from training.checkpoint import Checkpointer
+from training.config import PRECISIONS, UPDATE_ORDERS
 from training.loop import EpochCallback
 from training.scorer import CALIBRATION_ROWS, CHUNK_ROWS
 
 MISSING_OPTIONS = ("error", "mask")
+
+
+class _Interval(Interval):
+    """scikit-learn's Interval without booleans: ``width=True`` is a mistake, not 1."""
+
+    def is_satisfied_by(self, val) -> bool:
+        return not isinstance(val, (bool, np.bool_)) and super().is_satisfied_by(val)
+
+
+def _positive(kind=Real, *, upper=np.inf, closed="neither") -> _Interval:
+    """A number above 0 (finite unless ``upper`` says otherwise)."""
+    return _Interval(kind, 0 if kind is Real else 1, upper if kind is Real else None,
+                     closed=closed if kind is Real else "left")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -210,6 +227,41 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
     (3,)
     """
 
+    # Each parameter's accepted values, checked by scikit-learn at the start of fit (bad
+    # values raise InvalidParameterError, a ValueError naming the parameter and the values).
+    _parameter_constraints: ClassVar[dict] = {
+        "objective": [StrOptions({"triangle", "vae"})],
+        "score_rule": [StrOptions({"auto", *SCORE_RULES})],
+        "inference_loss": [StrOptions({"kl_plus", "kl_minus"})],
+        "latent_dim": [_positive(Integral)],
+        "width": [_positive(Integral), None],
+        "depth": [_positive(Integral)],
+        "energy_width": [_positive(Integral), None],
+        "energy_scale": [_positive()],
+        "epochs": [_positive(Integral)],
+        "max_training_seconds": [_positive(), None],
+        "batch_size": [_positive(Integral)],
+        "learning_rate": [_positive()],
+        "ebm_learning_rate": [_positive()],
+        "weight_decay": [_Interval(Real, 0, np.inf, closed="left")],
+        "lr_decay": [_positive(upper=1.0, closed="right")],
+        "decoder_sigma": [_positive()],
+        "image_shape": ["array-like", None],
+        "contamination": [StrOptions({"auto"}), _positive(upper=0.5, closed="right")],
+        "alpha": [_positive(upper=1.0), None],
+        "calibration": [_positive(upper=1.0), None],
+        "critic_negatives": ["array-like"],
+        "trim_fraction": [_Interval(Real, 0, 1, closed="left")],
+        "update_order": [StrOptions(set(UPDATE_ORDERS))],
+        "critic_every": [_positive(Integral)],
+        "training_precision": [StrOptions(set(PRECISIONS))],
+        "model_pairs_fraction": [_positive(upper=1.0, closed="right")],
+        "missing": [StrOptions(set(MISSING_OPTIONS))],
+        "device": [str],
+        "random_state": ["random_state"],
+        "verbose": ["verbose"],
+    }
+
     def __init__(
         self,
         *,
@@ -277,48 +329,10 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
 
     # ------------------------------------------------------------------ fitting
     def _check_params(self) -> None:
-        if self.score_rule != "auto" and self.score_rule not in SCORE_RULES:
-            raise ValueError(f"score_rule must be 'auto' or one of {SCORE_RULES}, "
-                             f"got {self.score_rule!r}")
-        if self.missing not in MISSING_OPTIONS:
-            raise ValueError(f"missing must be one of {MISSING_OPTIONS}, got {self.missing!r}")
+        """What ``_parameter_constraints`` cannot say: settings that exclude each other."""
         if self.objective == "vae" and self.score_rule == "energy":
             raise ValueError("score_rule='energy' needs objective='triangle': "
                              "the VAE has no energy")
-        if isinstance(self.contamination, str):
-            if self.contamination != "auto":
-                raise ValueError(f"contamination must be 'auto' or a float in (0, 0.5], "
-                                 f"got {self.contamination!r}")
-        elif not (isinstance(self.contamination, numbers.Real)
-                  and 0.0 < self.contamination <= 0.5):
-            raise ValueError(f"contamination must be 'auto' or a float in (0, 0.5], "
-                             f"got {self.contamination!r}")
-        for name in ("alpha", "calibration"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, numbers.Real)
-                                      or isinstance(value, bool) or not 0.0 < value < 1.0):
-                raise ValueError(f"{name} must be None or a float in (0, 1), got {value!r}")
-        for name in ("latent_dim", "depth", "epochs", "batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        for name in ("width", "energy_width"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, numbers.Integral)
-                                      or isinstance(value, bool) or value < 1):
-                raise ValueError(f"{name} must be None or a positive int, got {value!r}")
-        if self.max_training_seconds is not None and not (
-                isinstance(self.max_training_seconds, numbers.Real)
-                and self.max_training_seconds > 0):
-            raise ValueError(f"max_training_seconds must be None or positive, "
-                             f"got {self.max_training_seconds!r}")
-        for name in ("learning_rate", "ebm_learning_rate", "decoder_sigma", "energy_scale"):
-            value = getattr(self, name)
-            if (not isinstance(value, numbers.Real) or isinstance(value, bool)
-                    or not 0 < value < np.inf):
-                raise ValueError(f"{name} must be a positive finite float, got {value!r}")
-        if not (isinstance(self.lr_decay, numbers.Real) and 0 < self.lr_decay <= 1):
-            raise ValueError(f"lr_decay must be in (0, 1], got {self.lr_decay!r}")
 
     def _fingerprint(self, data: torch.Tensor) -> str:
         """sha256 of the preprocessed training data and of the parameters that shape
@@ -359,6 +373,7 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
                          else float(self.max_training_seconds)),
         )
 
+    @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y=None, *, callbacks: Sequence[EpochCallback] = (),
             checkpoint_dir: str | Path | None = None, resume: bool = False,
             checkpoint_every: int = 1):

@@ -86,7 +86,7 @@ def test_uncalibrated_models_say_so(tmp_path, capsys):
     before = det.offset_
     det.calibrate(RNG.normal(size=(200, 4)))
     assert det.offset_ != before
-    with pytest.raises(ValueError, match="alpha must be None or a float"):
+    with pytest.raises(ValueError, match="'alpha' parameter of LatentEBMDetector must be"):
         LatentEBMDetector(**TINY, alpha=1.0).fit(NORMAL)
     with pytest.raises(ValueError, match="leaves 0 calibration"):
         LatentEBMDetector(**TINY, calibration=0.001).fit(NORMAL[:100])
