@@ -350,17 +350,17 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
         return "latent_knn" if is_image else "fused"
 
     def _network_config(self, input_shape: tuple[int, ...]) -> NetworkConfig:
-        is_image = len(input_shape) == 3
-        width = int(self.width if self.width is not None else (32 if is_image else 128))
         return NetworkConfig(input_shape=input_shape, latent_dim=int(self.latent_dim),
-                             width=width, depth=int(self.depth), energy_width=self.energy_width,
+                             width=None if self.width is None else int(self.width),
+                             depth=int(self.depth), energy_width=self.energy_width,
                              energy_scale=float(self.energy_scale))
 
     def _train_config(self) -> TrainConfig:
         return TrainConfig(
             objective=self.objective, inference_loss=self.inference_loss,
             epochs=int(self.epochs), batch_size=int(self.batch_size),
-            lr_ebm=float(self.ebm_learning_rate), lr=float(self.learning_rate),
+            ebm_learning_rate=float(self.ebm_learning_rate),
+            learning_rate=float(self.learning_rate),
             weight_decay=float(self.weight_decay), lr_decay=float(self.lr_decay),
             decoder_sigma=float(self.decoder_sigma),
             critic_negatives=self.critic_negatives,
@@ -369,8 +369,8 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
             critic_every=self.critic_every,
             training_precision=self.training_precision,
             model_pairs_fraction=float(self.model_pairs_fraction),
-            max_seconds=(None if self.max_training_seconds is None
-                         else float(self.max_training_seconds)),
+            max_training_seconds=(None if self.max_training_seconds is None
+                                  else float(self.max_training_seconds)),
         )
 
     @_fit_context(prefer_skip_nested_validation=True)

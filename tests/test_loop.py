@@ -74,7 +74,8 @@ def test_each_rollback_halves_the_rate_in_force(monkeypatch):
     config = TrainConfig(epochs=2, batch_size=16, lr_decay=1.0, max_rollbacks=3)
     history = train_networks(_nets(), torch.randn(16, 4), config)
     assert history.rollbacks == 2
-    assert rates == pytest.approx([config.lr, config.lr, config.lr / 2, config.lr / 4])
+    rate = config.learning_rate
+    assert rates == pytest.approx([rate, rate, rate / 2, rate / 4])
 
 
 def test_persistent_nan_raises(monkeypatch):
@@ -88,7 +89,7 @@ def test_persistent_nan_raises(monkeypatch):
 
 def test_time_budget_stops_after_the_minibatch_that_crosses_it():
     history = train_networks(_nets(), torch.randn(64, 4),
-                             TrainConfig(epochs=50, batch_size=16, max_seconds=1e-9))
+                             TrainConfig(epochs=50, batch_size=16, max_training_seconds=1e-9))
     assert len(history.epochs) == 1
     assert history.epochs[0]["batches_fraction"] == 0.25  # one of four minibatches ran
 

@@ -55,9 +55,10 @@ class Optimizers:
                                     weight_decay=weight_decay, fused=True)
 
         return cls(
-            encoder=adam(networks.encoder, config.lr, config.weight_decay),
-            generator=adam(networks.generator, config.lr, config.weight_decay),
-            energy=None if networks.energy is None else adam(networks.energy, config.lr_ebm, 0.0),
+            encoder=adam(networks.encoder, config.learning_rate, config.weight_decay),
+            generator=adam(networks.generator, config.learning_rate, config.weight_decay),
+            energy=None if networks.energy is None else adam(networks.energy,
+                                                             config.ebm_learning_rate, 0.0),
         )
 
     def all(self) -> list[torch.optim.Adam]:
@@ -501,8 +502,8 @@ def _train_epochs(networks, optimizers, schedulers, step, data, config, generato
     epoch = len(history.epochs)  # > 0 when resuming
     progress = tqdm(total=config.epochs, initial=epoch, desc=f"training ({config.objective})",
                     disable=verbose == 0, leave=False)
-    deadline = (None if config.max_seconds is None
-                else time.perf_counter() + config.max_seconds)
+    deadline = (None if config.max_training_seconds is None
+                else time.perf_counter() + config.max_training_seconds)
     while epoch < config.epochs:
         started = time.perf_counter()
         metrics = _run_epoch(step, networks, optimizers, data, config, generator, deadline,
@@ -549,6 +550,7 @@ def _train_epochs(networks, optimizers, schedulers, step, data, config, generato
         progress.update(1)
         epoch += 1
         if deadline is not None and time.perf_counter() > deadline:
-            logger.info("time budget of %.0f s reached in epoch %d", config.max_seconds, epoch)
+            logger.info("time budget of %.0f s reached in epoch %d", config.max_training_seconds,
+                        epoch)
             break
     progress.close()
