@@ -98,8 +98,8 @@ class TrainConfig:
     ``inference_loss`` is ``"kl_plus"`` (phi minimises KL(Q||P) + KL(Q||Pi)) or ``"kl_minus"``
     (the authors' KL(Q||P) - KL(Q||Pi)). ``decoder_sigma`` is the standard deviation of
     p(x|z) in preprocessed units; it weights reconstruction against the latent terms.
-    ``max_training_seconds`` ends training after the first minibatch that finishes past this wall time
-    (the last epoch is then partial). ``critic_negatives`` names extra pairs the critic
+    ``max_training_seconds`` ends training after the first minibatch that finishes past this
+    wall time (the last epoch is then partial). ``critic_negatives`` names extra pairs the critic
     pushes up besides the generator's: any of ``CRITIC_NEGATIVES``. ``trim_fraction`` of each
     minibatch's rows, those reconstructed worst, are left out of every loss's data terms.
     ``update_order`` is ``"alternating"`` (the authors' order: the critic, then the encoder and
