@@ -551,7 +551,7 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
         if self.scorer_.allows_missing:
             # Rows the networks were not trained on show how an unseen normal row's score
             # moves with its missing rate; training rows, fitted, move more.
-            self.scorer_.calibrate_missing_rates(torch.from_numpy(rows))
+            self.scorer_.calibrate_missing_rates(torch.from_numpy(rows), in_bank=False)
         anomaly = -self._score_rows(rows)
         if len(anomaly) > CALIBRATION_ROWS:
             keep = np.random.RandomState(0).choice(len(anomaly), CALIBRATION_ROWS,

@@ -161,14 +161,17 @@ class AnomalyScorer(nn.Module):
                 center[i], spread[i] = _median_and_spread(by_rule[rule])
         self.fusion_center, self.fusion_spread = center, spread
 
-    def calibrate_missing_rates(self, x_bank_raw: torch.Tensor, seed: int = 0) -> None:
-        """Measure how each rule's scores of training rows ``x_bank_raw`` move when entries
+    def calibrate_missing_rates(self, x_bank_raw: torch.Tensor, seed: int = 0,
+                                in_bank: bool = True) -> None:
+        """Measure how each rule's scores of normal rows ``x_bank_raw`` move when entries
         are missing: at each of ``CALIBRATION_MISSING_RATES``, remove that fraction of the
         entries of (at most ``MISSING_CALIBRATION_ROWS`` of) the rows at random, and store
         the median and interquartile range of every rule. :meth:`scores` then maps the score
         of a row with missing entries through its rate's median and spread onto the scale of
         complete rows, so that a normal row is as likely to pass the threshold whatever its
-        missing rate. Without missing entries a score is unchanged."""
+        missing rate. Without missing entries a score is unchanged. ``in_bank``: the rows are
+        the code bank's (training rows, each scored without its own code as a neighbour);
+        False for rows the networks did not see (calibration rows)."""
         if not self.allows_missing:
             raise ValueError("calibrate_missing_rates needs a scorer that allows missing "
                              "entries")
@@ -188,7 +191,7 @@ class AnomalyScorer(nn.Module):
             removed[emptied, first_observed[emptied]] = False
             x_masked = torch.where(removed, torch.full_like(x_bank_raw, torch.nan), x_bank_raw)
             observed = ~torch.isnan(x_masked)
-            by_rule = self.scores_in_chunks(x_masked, rules, leave_one_out=True)
+            by_rule = self.scores_in_chunks(x_masked, rules, leave_one_out=in_bank)
             center = torch.zeros(len(SCORE_RULES), dtype=self.shift.dtype)
             spread = torch.ones(len(SCORE_RULES), dtype=self.shift.dtype)
             for i, rule in enumerate(SCORE_RULES):
