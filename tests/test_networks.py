@@ -43,7 +43,7 @@ def test_spectral_norm_on_every_energy_layer_and_freeze():
 
 def test_energy_scale_multiplies_the_energy():
     torch.manual_seed(0)
-    base = build_networks(NetworkConfig(input_shape=(5,), width=4, depth=1))
+    base = build_networks(NetworkConfig(input_shape=(5,), width=4, depth=1, energy_scale=1.0))
     torch.manual_seed(0)
     scaled = build_networks(NetworkConfig(input_shape=(5,), width=4, depth=1, energy_scale=7.0))
     base.energy.eval()
