@@ -285,3 +285,16 @@ def test_missing_suites_end_to_end(tmp_path):
     assert list(errors.index) == ["P.5", "B20"]
     assert list(errors.columns) == list(missing.IMAGE_METHODS)
     assert ((errors > 0) & (errors < 1)).all().all()
+
+
+def test_columns_an_imputer_drops_are_put_back():
+    from sklearn.impute import KNNImputer
+
+    from evaluation.missing import _restore_dropped
+
+    rows = np.array([[1.0, np.nan, 3.0], [2.0, np.nan, np.nan], [4.0, np.nan, 5.0]])
+    imputed = KNNImputer(n_neighbors=1).fit(rows).transform(rows[1:2])
+    assert imputed.shape == (1, 2)  # the never-observed column is dropped
+    restored = _restore_dropped(imputed, rows, -1.0)
+    np.testing.assert_array_equal(restored[:, [0, 1]], [[2.0, -1.0]])
+    assert restored.shape == (1, 3) and np.isfinite(restored).all()
