@@ -191,8 +191,10 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
         filled by the model's own reconstruction, which the encoder and the critic then see
         (so "missing" is never a feature of the data). A row scored with missing entries is
         completed the same way (three encode-decode rounds) and its reconstruction error is
-        taken per observed entry, so that missingness alone does not make a normal row look
-        more or less anomalous. A row with every entry missing is refused. The default keeps
+        taken per observed entry; its score is then mapped from the score quantiles of
+        normal rows at its missing rate onto those of complete rows (measured in ``fit``,
+        and on the calibration rows when there are), so that missingness alone does not make
+        a normal row look more or less anomalous. A row with every entry missing is refused. The default keeps
         NaN an error, because an unexpected NaN is more often a bug upstream than data.
     device : str, default="auto"
         Training device: "auto", "cpu", "cuda" or "cuda:N".
