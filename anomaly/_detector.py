@@ -194,8 +194,9 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
         taken per observed entry; its score is then mapped from the score quantiles of
         normal rows at its missing rate onto those of complete rows (measured in ``fit``,
         and on the calibration rows when there are), so that missingness alone does not make
-        a normal row look more or less anomalous. A row with every entry missing is refused. The default keeps
-        NaN an error, because an unexpected NaN is more often a bug upstream than data.
+        a normal row look more or less anomalous. A row with every entry missing is refused.
+        The default keeps NaN an error, because an unexpected NaN is more often a bug
+        upstream than data.
     device : str, default="auto"
         Training device: "auto", "cpu", "cuda" or "cuda:N".
     random_state : int, RandomState instance or None, default=None
@@ -467,10 +468,11 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
             low, high = float(np.nanmin(X)), float(np.nanmax(X))
             shift = np.full(X.shape[1], (high + low) / 2)
             scale = np.full(X.shape[1], max((high - low) / 2, 1e-12))
-            self.training_mean_ = np.nanmean(X, axis=0) if has_missing else X.mean(axis=0)
+            with warnings.catch_warnings():  # a pixel never observed: "mean of empty slice"
+                warnings.simplefilter("ignore", RuntimeWarning)
+                mean = np.nanmean(X, axis=0) if has_missing else X.mean(axis=0)
             # a pixel never observed starts at the middle of the range, 0 in model space
-            self.training_mean_ = np.where(np.isnan(self.training_mean_), shift,
-                                           self.training_mean_)
+            self.training_mean_ = np.where(np.isnan(mean), shift, mean)
         else:
             never_seen = np.flatnonzero(missing.all(axis=0))
             if never_seen.size:
