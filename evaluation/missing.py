@@ -228,7 +228,8 @@ def false_alarm_suite(*, classes: Sequence[int], seeds: Sequence[int],
     for digit, seed, train_rate in tqdm(todo, desc="false alarms", disable=not verbose):
         split = protocols.held_out_class(X, y, digit)
         rng = np.random.RandomState(_cells_seed(f"digits{digit}", f"mcar_{train_rate}", seed))
-        X_train = np.where(rng.rand(*split.X_train.shape) < train_rate, np.nan, split.X_train)
+        X_train = np.where(removal_mask(split.X_train.shape, f"mcar_{train_rate}", rng), np.nan,
+                           split.X_train)
         detector = LatentEBMDetector(**{**(detector_params or {}), "missing": "mask",
                                         "epochs": epochs, "calibration": 0.2,
                                         "random_state": seed}).fit(X_train)
@@ -238,9 +239,7 @@ def false_alarm_suite(*, classes: Sequence[int], seeds: Sequence[int],
         with tempfile.TemporaryDirectory() as tmp:
             onnx = OnnxDetector(detector.to_onnx(Path(tmp) / "scorer.onnx"))
             for rate in test_rates:
-                cells = rng.rand(*normal.shape) < rate
-                cells[cells.all(axis=1), 0] = False
-                rows = np.where(cells, np.nan, normal)
+                rows = np.where(removal_mask(normal.shape, f"mcar_{rate}", rng), np.nan, normal)
                 p_values = detector.p_values(rows)
                 exported = onnx.score_all(rows)
                 row[f"offset_fa_{rate}"] = float((detector.decision_function(rows) < 0).mean())
