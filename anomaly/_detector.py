@@ -17,6 +17,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
+from anomaly._rules import outlier_labels
 from anomaly._validation import image_shape_tuple, validate_samples
 from training import (
     BANK_ROWS,
@@ -30,6 +31,7 @@ from training import (
 from training.checkpoint import Checkpointer
 from training.config import PRECISIONS, UPDATE_ORDERS
 from training.loop import EpochCallback
+from training.sampling import inpaint_rows, sample_rows
 from training.scorer import CALIBRATION_ROWS, CHUNK_ROWS
 
 MISSING_OPTIONS = ("error", "mask")
@@ -58,6 +60,11 @@ def resolve_device(device: str) -> torch.device:
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device!r} was asked for, but CUDA is not available")
     return resolved
+
+
+def _torch_seed(random_state) -> int:
+    """A torch seed drawn from a scikit-learn ``random_state`` (None, int or RandomState)."""
+    return int(check_random_state(random_state).randint(np.iinfo(np.int32).max))
 
 
 def _column_std(X: np.ndarray, mean: np.ndarray) -> np.ndarray:
@@ -484,7 +491,7 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
             scale = np.where(std > 1e-12 * np.maximum(1.0, np.abs(shift)), std, 1.0)
             self.training_mean_ = shift
 
-        seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
+        seed = _torch_seed(self.random_state)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             networks = build_networks(network_config, with_energy=self.objective == "triangle")
@@ -627,13 +634,44 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
         """Anomaly score, higher = more anomalous (``-score_samples``, as in PyOD)."""
         return -self.score_samples(X)
 
+    def anomaly_scores_by_rule(self, X, rules: Sequence[str] | None = None
+                               ) -> dict[str, np.ndarray]:
+        """Anomaly scores (higher = more anomalous) of ``X`` under several score rules from
+        one pass through the networks, to compare rules on one fitted model; the rule of
+        ``score_rule`` is ``anomaly_score``'s.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features), (n, H, W) or (n, C, H, W)
+        rules : sequence of str, default None
+            Names from ``SCORE_RULES``; None = every rule this model has (no ``"energy"``
+            for ``objective="vae"``).
+
+        Returns
+        -------
+        scores : dict of rule name -> ndarray of shape (n_samples,), float64
+        """
+        rows = self._rows(X)
+        if rules is None:
+            rules = tuple(r for r in SCORE_RULES
+                          if r != "energy" or self.scorer_.energy is not None)
+        elif isinstance(rules, str) or not all(isinstance(r, str) for r in rules):
+            raise TypeError(f"rules must be a sequence of rule names, got {rules!r}")
+        if "energy" in rules and self.scorer_.energy is None:
+            raise ValueError("the energy rule needs objective='triangle'; this model has no "
+                             "critic")
+        by_rule = self.scorer_.scores_in_chunks(torch.from_numpy(rows), tuple(rules))
+        # a score that overflowed is the most anomalous there is, as in score_samples
+        return {rule: np.where(np.isnan(s.numpy()), np.inf, s.numpy())
+                for rule, s in by_rule.items()}
+
     def decision_function(self, X) -> np.ndarray:
         """``score_samples(X) - offset_``; negative values are outliers. Shape (n_samples,)."""
         return self.score_samples(X) - self.offset_
 
     def predict(self, X) -> np.ndarray:
         """+1 for inliers, -1 for outliers. Shape (n_samples,)."""
-        return np.where(self.decision_function(X) < 0, -1, 1)
+        return outlier_labels(self.decision_function(X))
 
     def feature_scores(self, X) -> np.ndarray:
         """Each feature's (pixel's) part of the anomaly score: where in a sample its anomaly
@@ -698,16 +736,6 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
         if langevin_steps and self.scorer_.energy is None:
             raise ValueError("Langevin refinement needs the energy of objective='triangle'")
 
-    def _langevin(self, z: torch.Tensor, potential, steps: int, step_size: float,
-                  generator: torch.Generator) -> torch.Tensor:
-        """Short-run Langevin dynamics z <- z - s^2/2 grad U(z) + s eps."""
-        for _ in range(steps):
-            z = z.detach().requires_grad_(True)
-            (grad,) = torch.autograd.grad(potential(z).sum(), z)
-            noise = torch.randn(z.shape, generator=generator, dtype=z.dtype)
-            z = z - 0.5 * step_size**2 * grad + step_size * noise
-        return z.detach()
-
     def sample(self, n_samples: int = 1, *, langevin_steps: int = 0, step_size: float = 0.1,
                random_state=None) -> np.ndarray:
         """Draw g(z), z ~ N(0, I); with ``langevin_steps`` > 0, z first follows short-run
@@ -721,17 +749,10 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
         if not isinstance(n_samples, numbers.Integral) or n_samples < 1:
             raise ValueError(f"n_samples must be a positive int, got {n_samples!r}")
         self._check_langevin(langevin_steps, step_size)
-        generator = torch.Generator().manual_seed(
-            int(check_random_state(random_state).randint(np.iinfo(np.int32).max)))
-        decoder, energy = self.scorer_.generator, self.scorer_.energy
-        z = torch.randn((n_samples, self.scorer_.encoder.mu.out_features),
-                        generator=generator, dtype=torch.float64)
-        if langevin_steps:
-            z = self._langevin(z, lambda v: energy(decoder(v), v) + 0.5 * v.pow(2).sum(1),
-                               int(langevin_steps), step_size, generator)
-        with torch.no_grad():
-            rows = self.scorer_.postprocess(decoder(z)).numpy()
-        return rows.reshape(-1, *self._sample_shape)
+        rows = sample_rows(self.scorer_, int(n_samples), langevin_steps=int(langevin_steps),
+                           step_size=step_size,
+                           generator=torch.Generator().manual_seed(_torch_seed(random_state)))
+        return rows.numpy().reshape(-1, *self._sample_shape)
 
     def inpaint(self, X, mask, *, n_iter: int = 20, langevin_steps: int = 0,
                 step_size: float = 0.05, random_state=None) -> np.ndarray:
@@ -768,29 +789,11 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
                              f"{tuple(self._sample_shape)}), in a batch: (n, ...)")
         start = np.where(mask_arr, self.training_mean_.reshape(X_arr.shape[1:]), X_arr)
         rows, sample_shape = validate_samples(self, start, reset=False)
-        missing = torch.from_numpy(mask_arr.reshape(rows.shape))
-        observed = torch.from_numpy(rows)
-        generator = torch.Generator().manual_seed(
-            int(check_random_state(random_state).randint(np.iinfo(np.int32).max)))
-        scorer = self.scorer_
-        x = observed.clone()
-        for _ in range(n_iter):
-            x_model = scorer.preprocess(x)
-            with torch.no_grad():
-                z, _ = scorer.encoder(x_model)
-            if langevin_steps:
-                seen = (~missing).reshape(x_model.shape).to(x_model.dtype)
-
-                def potential(v, x_model=x_model, seen=seen):
-                    err = (seen * (x_model - scorer.generator(v))).pow(2).flatten(1).sum(1)
-                    return (0.5 * err / scorer.decoder_sigma**2 + 0.5 * v.pow(2).sum(1)
-                            + scorer.energy(x_model, v))
-
-                z = self._langevin(z, potential, int(langevin_steps), step_size, generator)
-            with torch.no_grad():
-                filled = scorer.postprocess(scorer.generator(z))
-            x = torch.where(missing, filled, observed)
-        return self._as_output(x.numpy(), sample_shape)
+        filled = inpaint_rows(
+            self.scorer_, torch.from_numpy(rows), torch.from_numpy(mask_arr.reshape(rows.shape)),
+            n_iter=int(n_iter), langevin_steps=int(langevin_steps), step_size=step_size,
+            generator=torch.Generator().manual_seed(_torch_seed(random_state)))
+        return self._as_output(filled.numpy(), sample_shape)
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path) -> Path:

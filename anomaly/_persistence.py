@@ -16,7 +16,6 @@ import hashlib
 import json
 import numbers
 import os
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,7 @@ import sklearn
 import torch
 from safetensors.torch import load, save
 
+from anomaly._rules import package_version
 from training import AnomalyScorer, NetworkConfig, build_networks
 from training.scorer import FLOAT64_BUFFERS, MISSING_BUFFERS
 
@@ -35,13 +35,6 @@ CONFIG_NAME = "detector.json"
 LEGACY_WEIGHTS_NAME = "weights.safetensors"
 WEIGHTS_PATTERN = "weights*.safetensors"
 TEMP_SUFFIX = ".tmp"
-
-
-def package_version() -> str:
-    try:
-        return metadata.version("divtri-anomaly")
-    except metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def _sha256(data: bytes) -> str:

@@ -7,6 +7,8 @@ import numbers
 import numpy as np
 from sklearn.utils.validation import validate_data
 
+from anomaly._rules import accepted_sample_shapes, check_missing
+
 
 def image_shape_tuple(image_shape) -> tuple[int, int, int]:
     """``(H, W)`` or ``(C, H, W)`` -> ``(C, H, W)``; a clear error for anything else."""
@@ -55,34 +57,16 @@ def validate_samples(estimator, X, *, reset: bool, allow_nan: bool = False
         X = np.asarray(X)
         X = X.reshape(X.shape[0], -1)
         if not reset:
-            expected = estimator._sample_shape
-            model_shape = estimator.input_shape_
-            if sample_shape not in (tuple(expected), tuple(model_shape)) and not (
-                len(sample_shape) == 2 and (1, *sample_shape) == tuple(model_shape)
-            ):
+            expected = tuple(estimator._sample_shape)
+            if sample_shape not in accepted_sample_shapes(expected, estimator.input_shape_):
                 raise ValueError(
                     f"X has samples of shape {sample_shape}, but {type(estimator).__name__} "
-                    f"was fitted on samples of shape {tuple(expected)}"
+                    f"was fitted on samples of shape {expected}"
                 )
     X = validate_data(estimator, X, reset=reset, dtype=np.float64,
                       ensure_all_finite="allow-nan", accept_sparse=False, ensure_min_samples=1,
                       ensure_min_features=1)
-    check_missing(X, allow_nan, type(estimator).__name__)
+    check_missing(X, allow_nan, type(estimator).__name__,
+                  "fit it with missing='mask' to learn and score with missing entries, or "
+                  "impute them before")
     return X, sample_shape
-
-
-def check_missing(rows: np.ndarray, allow_nan: bool, owner: str) -> None:
-    """Refuse NaN in float rows ``(n, n_features)`` where missing entries are not allowed,
-    and rows with no observed entry where they are."""
-    missing = np.isnan(rows)
-    if not missing.any():
-        return
-    if not allow_nan:
-        raise ValueError(f"Input X contains NaN, and this {owner} does not take missing "
-                         "values: fit it with missing='mask' to learn and score with "
-                         "missing entries, or impute them before")
-    empty = np.flatnonzero(missing.all(axis=1))
-    if empty.size:
-        raise ValueError(f"Input X has rows with every entry missing (NaN), which cannot be "
-                         f"scored: rows {empty[:10].tolist()}"
-                         + (f" and {empty.size - 10} more" if empty.size > 10 else ""))

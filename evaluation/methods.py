@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 from sklearn.ensemble import IsolationForest
 from sklearn.neighbors import LocalOutlierFactor
 from sklearn.svm import OneClassSVM
@@ -81,13 +80,6 @@ def anomaly_scores(method: Any, X: np.ndarray) -> np.ndarray:
     if hasattr(method, "score_samples") and not hasattr(method, "decision_scores_"):
         return -np.asarray(method.score_samples(X), dtype=np.float64)
     return np.asarray(method.decision_function(X), dtype=np.float64)  # PyOD convention
-
-
-def scores_by_rule(detector: LatentEBMDetector, X: np.ndarray) -> dict[str, np.ndarray]:
-    """Anomaly scores of one fitted detector under every score rule it supports, from one
-    pass through its networks (one fit, so the rules are compared on identical networks)."""
-    by_rule = detector.scorer_.scores_in_chunks(torch.from_numpy(flat(X)))
-    return {rule: scores.numpy() for rule, scores in by_rule.items()}
 
 
 def flat(X: np.ndarray) -> np.ndarray:

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import functools
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -39,19 +37,15 @@ def rest_load(*, clients: int = 8, total_requests: int = 2000, workers: int = 2,
     import mlflow
 
     from anomaly import LatentEBMDetector
-    from serving.mlflow_model import feature_columns, log_model
+    from evaluation.tracking import throwaway_registry
+    from serving.mlflow_model import feature_columns
     from serving.rest import mlflow_server
 
     rng = np.random.RandomState(0)
     X = rng.normal(size=(5000, 16))
     detector = LatentEBMDetector(epochs=epochs, random_state=0).fit(X)
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        uri = f"sqlite:///{Path(tmp) / 'mlflow.db'}"
-        mlflow.set_tracking_uri(uri)
-        experiment = mlflow.create_experiment("load", artifact_location=Path(tmp).as_uri())
-        with mlflow.start_run(experiment_id=experiment):
-            info = log_model(detector, "m", registered_model_name="load-test")
+    with throwaway_registry(detector, "load-test") as (uri, info, _):
         mlflow.MlflowClient().set_registered_model_alias("load-test", "prod",
                                                          info.registered_model_version)
         with mlflow_server("models:/load-test@prod", tracking_uri=uri,

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -234,7 +233,7 @@ def robustness_table(*, with_rest: bool = True, epochs: int = 3, load_requests: 
     import mlflow
 
     from anomaly import LatentEBMDetector
-    from serving.mlflow_model import log_model
+    from evaluation.tracking import throwaway_registry
     from serving.rest import mlflow_server
     from serving.runtime import OnnxDetector
 
@@ -243,15 +242,9 @@ def robustness_table(*, with_rest: bool = True, epochs: int = 3, load_requests: 
     probe = pd.DataFrame(rng.normal(size=(6, 4)), columns=COLUMNS)
     detector = LatentEBMDetector(epochs=epochs, random_state=0).fit(train)
     rows, load = [], None
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
+    with throwaway_registry(detector, "robustness") as (uri, info, work):
         onnx_path = detector.to_onnx(work / "model.onnx")
         runtime = OnnxDetector(onnx_path)
-        uri = f"sqlite:///{work / 'mlflow.db'}"
-        mlflow.set_tracking_uri(uri)
-        experiment = mlflow.create_experiment("robustness", artifact_location=work.as_uri())
-        with mlflow.start_run(experiment_id=experiment):
-            info = log_model(detector, "m", registered_model_name="robustness")
         pyfunc = mlflow.pyfunc.load_model(info.model_uri)
 
         def estimator(value):

@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 
 def spark_run(n_rows: int = 500_000, n_features: int = 16, epochs: int = 3) -> pd.DataFrame:
-    import mlflow
     from pyspark.sql import SparkSession
 
     from anomaly import LatentEBMDetector
-    from serving.mlflow_model import feature_columns, log_model
+    from evaluation.tracking import throwaway_registry
+    from serving.mlflow_model import feature_columns
     from serving.spark_scoring import score_spark
 
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
@@ -25,11 +23,7 @@ def spark_run(n_rows: int = 500_000, n_features: int = 16, epochs: int = 3) -> p
     X = rng.normal(size=(n_rows, n_features))
     detector = LatentEBMDetector(epochs=epochs, random_state=0).fit(X[:5000])
     columns = feature_columns(detector)
-    with tempfile.TemporaryDirectory() as tmp:
-        mlflow.set_tracking_uri(f"sqlite:///{Path(tmp) / 'mlflow.db'}")
-        experiment = mlflow.create_experiment("spark", artifact_location=Path(tmp).as_uri())
-        with mlflow.start_run(experiment_id=experiment):
-            info = log_model(detector, "m", registered_model_name="spark-run")
+    with throwaway_registry(detector, "spark-run") as (_, info, _):
         spark = (SparkSession.builder.master("local[*]").appName("divtri")
                  .config("spark.ui.enabled", "false")
                  .config("spark.driver.host", "127.0.0.1")

@@ -20,7 +20,6 @@ from evaluation.methods import (
     anomaly_scores,
     flat,
     make_method,
-    scores_by_rule,
 )
 from evaluation.metrics import detection_metrics
 from evaluation.results import ResultLog
@@ -37,7 +36,7 @@ def _fit_and_score(method, name: str, split: protocols.Split
     test = flat(split.X_test)
     if not isinstance(method, LatentEBMDetector):
         return {name: anomaly_scores(method, test)}, fit_seconds
-    by_rule = scores_by_rule(method, test)
+    by_rule = method.anomaly_scores_by_rule(test)
     return ({name: by_rule[method.score_rule_]}
             | {f"{name}[{rule}]": s for rule, s in by_rule.items()}), fit_seconds
 

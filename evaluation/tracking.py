@@ -7,8 +7,11 @@ than letters, digits and ``_-.:/`` become ``_``).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -51,3 +54,28 @@ def log_bench_run(experiment: str, options: dict, out: Path, since: float) -> st
                 mlflow.log_metrics(table_metrics(path.stem, pd.read_csv(path, index_col=0)))
             mlflow.log_artifact(str(path), artifact_path="results")
     return run.info.run_id
+
+
+@contextlib.contextmanager
+def throwaway_registry(detector, name: str) -> Iterator[tuple[str, object, Path]]:
+    """A temporary MLflow tracking store and registry (SQLite in a temporary directory)
+    holding ``detector`` registered as model ``name``, for benchmarks that serve a registered
+    model. Yields ``(tracking_uri, model_info, directory)``; the previous tracking URI is
+    restored and everything is deleted on exit."""
+    import mlflow
+
+    from serving.mlflow_model import log_model
+
+    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    with tempfile.TemporaryDirectory() as tmp:
+        uri = f"sqlite:///{Path(tmp) / 'mlflow.db'}"
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+        try:
+            experiment = mlflow.create_experiment(name, artifact_location=Path(tmp).as_uri())
+            with mlflow.start_run(experiment_id=experiment):
+                info = log_model(detector, "m", registered_model_name=name)
+            yield uri, info, Path(tmp)
+        finally:
+            mlflow.set_tracking_uri(previous[0])
+            mlflow.set_registry_uri(previous[1])

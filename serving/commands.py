@@ -62,7 +62,7 @@ def score_command(model: Path, data: Path, out: Path, alpha: float | None = None
     Returns the row count."""
     import pandas as pd
 
-    from serving.runtime import check_alpha, outlier_labels
+    from serving.runtime import check_alpha, conformal_labels
 
     if alpha is not None:
         check_alpha(alpha)
@@ -75,6 +75,7 @@ def score_command(model: Path, data: Path, out: Path, alpha: float | None = None
         import torch
 
         from anomaly import LatentEBMDetector
+        from anomaly._rules import outlier_labels
 
         detector = LatentEBMDetector.load(model)
         if hasattr(rows, "to_numpy") and not hasattr(detector, "feature_names_in_"):
@@ -88,7 +89,8 @@ def score_command(model: Path, data: Path, out: Path, alpha: float | None = None
         # p-values from the scores already computed, not a second pass through the networks
         p_value = (detector.scorer_.p_values(torch.from_numpy(-score)).numpy() if calibrated
                    else np.full(len(score), np.nan))
-        label = outlier_labels(decision, p_value, alpha)
+        label = (outlier_labels(decision) if alpha is None
+                 else conformal_labels(p_value, alpha))
         result = {"score_samples": score, "decision": decision, "label": label,
                   "p_value": p_value}
     frame = pd.DataFrame(result)

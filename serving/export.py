@@ -16,7 +16,7 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from anomaly._persistence import package_version
+from anomaly._rules import outlier_labels, package_version
 from serving import metadata
 from training import AnomalyScorer
 from training.scorer import FLOAT64_BUFFERS
@@ -42,7 +42,7 @@ class FusedScorer(nn.Module):
         normality = torch.where(torch.isnan(normality),
                                 torch.full_like(normality, -torch.inf), normality)
         decision = normality - self.offset
-        label = torch.where(decision < 0, -1, 1).to(torch.int64)
+        label = outlier_labels(decision)
         return (normality, decision, label, self.scorer.p_values(-normality),
                 self.scorer.feature_scores(x, -normality))
 
@@ -132,7 +132,7 @@ def export_onnx(detector, path: str | Path, graph: str = "scorer",
     model = program.model_proto
     contamination = detector.contamination
     props = {
-        "format_version": metadata.FORMAT_VERSION,
+        "format_version": str(metadata.FORMAT_VERSION),
         "package_version": package_version(),
         "graph": graph,
         "n_features": str(detector.n_features_in_),
@@ -154,7 +154,7 @@ def export_onnx(detector, path: str | Path, graph: str = "scorer",
         props["feature_names"] = json.dumps([str(n) for n in detector.feature_names_in_])
     props["sha256"] = metadata.model_sha256(
         model.graph.SerializeToString(deterministic=True), props)
-    onnx.helper.set_model_props(model, {metadata.PREFIX + k: v for k, v in props.items()})
+    onnx.helper.set_model_props(model, metadata.prefixed(props))
     onnx.save_model(model, str(path), save_as_external_data=False)
     onnx.checker.check_model(str(path), full_check=True)
     return path
@@ -163,5 +163,4 @@ def export_onnx(detector, path: str | Path, graph: str = "scorer",
 def read_metadata(path: str | Path) -> dict[str, str]:
     """The package's metadata of an exported model, without the prefix."""
     model = onnx.load(str(path), load_external_data=False)
-    return {p.key[len(metadata.PREFIX):]: p.value for p in model.metadata_props
-            if p.key.startswith(metadata.PREFIX)}
+    return metadata.unprefixed(model.metadata_props)

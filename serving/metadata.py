@@ -8,11 +8,22 @@ from __future__ import annotations
 import hashlib
 
 # 2: a checksum (key "sha256") over the whole graph and the metadata, not only the weights.
-FORMAT_VERSION = "2"
-READABLE_VERSIONS = ("1", "2")
+# Ints, like the saved model's; ONNX metadata holds them as strings.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 PREFIX = "divtri."
 KEYS = ("format_version", "package_version", "graph", "n_features", "input_shape",
         "sample_shape", "score_rule", "offset", "contamination", "weights_sha256")
+
+
+def prefixed(props: dict[str, str]) -> dict[str, str]:
+    """The package's metadata entries as written into a model, each key under ``PREFIX``."""
+    return {PREFIX + key: value for key, value in props.items()}
+
+
+def unprefixed(metadata_props) -> dict[str, str]:
+    """The package's entries of a model's ``metadata_props``, keys without ``PREFIX``."""
+    return {p.key[len(PREFIX):]: p.value for p in metadata_props if p.key.startswith(PREFIX)}
 
 
 def weights_sha256(initializers) -> str:

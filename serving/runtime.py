@@ -16,6 +16,7 @@ import onnxruntime as ort
 from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
+from anomaly._rules import accepted_sample_shapes, check_missing
 from serving import metadata
 
 logger = logging.getLogger(__name__)
@@ -49,13 +50,12 @@ def _verified_model(raw: bytes, source: str) -> tuple[onnx.ModelProto, dict[str,
     except (DecodeError, ValueError, RuntimeError) as err:
         raise ValueError(f"{source} is not a valid ONNX model (truncated or corrupted?): "
                          f"{err}") from err
-    props = {p.key[len(metadata.PREFIX):]: p.value for p in model.metadata_props
-             if p.key.startswith(metadata.PREFIX)}
+    props = metadata.unprefixed(model.metadata_props)
     missing = [k for k in metadata.KEYS if k not in props]
     if missing:
         raise ValueError(f"{source} was not exported by this package (metadata {missing} "
                          "missing); export it with `divtri export` or detector.to_onnx()")
-    if props["format_version"] not in metadata.READABLE_VERSIONS:
+    if props["format_version"] not in {str(v) for v in metadata.READABLE_VERSIONS}:
         raise ValueError(f"{source} has format version {props['format_version']}; this "
                          f"runtime reads versions {metadata.READABLE_VERSIONS}")
     if props["graph"] != "scorer":
@@ -135,24 +135,16 @@ def validate_rows(X, n_features: int, sample_shapes: tuple[tuple[int, ...], ...]
     rows = arr.astype(np.float64)
     if np.isinf(rows).any():
         raise ValueError("Input X contains infinity")
-    missing = np.isnan(rows)
-    if missing.any() and not allow_missing:
-        raise ValueError(f"Input X contains NaN, and this model does not take missing values "
-                         f"({owner} of a detector fitted with missing='error'): impute them, "
-                         "or fit with missing='mask' and export again")
-    empty = np.flatnonzero(missing.all(axis=1))
-    if empty.size:
-        raise ValueError(f"Input X has rows with every entry missing (NaN), which cannot be "
-                         f"scored: rows {empty[:10].tolist()}")
+    check_missing(rows, allow_missing, f"model ({owner} of a detector fitted with "
+                  "missing='error')", "impute them, or fit with missing='mask' and export "
+                  "again")
     return rows
 
 
-def outlier_labels(decision: np.ndarray, p_value: np.ndarray | None = None,
-                   alpha: float | None = None) -> np.ndarray:
-    """+1 inlier / -1 outlier: by the sign of ``decision`` (the exported threshold), or,
-    with ``alpha``, where the conformal ``p_value`` is at most ``alpha``."""
-    outlier = decision < 0 if alpha is None else p_value <= alpha
-    return np.where(outlier, -1, 1).astype(np.int64)
+def conformal_labels(p_value: np.ndarray, alpha: float) -> np.ndarray:
+    """+1 inlier / -1 outlier: an outlier where the conformal ``p_value`` is at most
+    ``alpha``."""
+    return np.where(p_value <= alpha, -1, 1).astype(np.int64)
 
 
 def check_alpha(alpha) -> None:
@@ -224,10 +216,7 @@ class OnnxDetector:
         self.n_features_in_ = int(self.metadata_["n_features"])
         self.input_shape_ = tuple(json.loads(self.metadata_["input_shape"]))
         sample_shape = tuple(json.loads(self.metadata_["sample_shape"]))
-        shapes = [sample_shape, self.input_shape_]
-        if len(self.input_shape_) == 3 and self.input_shape_[0] == 1:
-            shapes.append(self.input_shape_[1:])
-        self._sample_shapes = tuple(dict.fromkeys(shapes))
+        self._sample_shapes = accepted_sample_shapes(sample_shape, self.input_shape_)
         self.offset_ = float(self.metadata_["offset"])
         # models exported before missing values were allowed refuse them
         self.allows_missing_ = self.metadata_.get("allows_missing") == "true"
@@ -309,7 +298,7 @@ class OnnxDetector:
         columns = self._run(X, attribution=feature_scores)
         score, decision, label, p_value = columns[:4]
         if alpha is not None:
-            label = outlier_labels(decision, p_value, alpha)
+            label = conformal_labels(p_value, alpha)
         out = {"score_samples": score, "decision": decision, "label": label,
                "p_value": p_value}
         if feature_scores:

@@ -199,12 +199,13 @@ def test_reconstruct_sample_inpaint(images):
     np.testing.assert_array_equal(refined[~mask], X[:6][~mask])
 
 
-def test_langevin_samples_the_potential_it_is_given(tabular):
+def test_langevin_samples_the_potential_it_is_given():
     # U(z) = ||z - 3||^2 / 2 is N(3, I): short-run chains from 0 must move there, with unit
-    # spread, whatever network the detector holds.
-    det = _fit(tabular)
+    # spread.
+    from training.sampling import langevin
+
     generator = torch.Generator().manual_seed(0)
-    z = det._langevin(torch.zeros(4000, 2, dtype=torch.float64),
+    z = langevin(torch.zeros(4000, 2, dtype=torch.float64),
                       lambda v: 0.5 * (v - 3.0).pow(2).sum(1), 300, 0.2, generator)
     np.testing.assert_allclose(z.mean(0).numpy(), [3.0, 3.0], atol=0.1)
     np.testing.assert_allclose(z.std(0).numpy(), [1.0, 1.0], atol=0.1)
@@ -345,3 +346,22 @@ def test_auto_score_rule_is_latent_knn_for_images_and_fused_for_tables(tabular, 
     assert _fit(tabular, score_rule="joint").score_rule_ == "joint"
     loaded = LatentEBMDetector.load(image_model.save(tmp_path / "model"))
     assert loaded.score_rule_ == "latent_knn"
+
+
+def test_anomaly_scores_by_rule_selects_rules_and_refuses_bad_ones(tabular):
+    det = LatentEBMDetector(**TINY, random_state=0).fit(tabular)
+    chosen = det.anomaly_scores_by_rule(tabular[:7], rules=("reconstruction", "energy"))
+    assert set(chosen) == {"reconstruction", "energy"}
+    everything = det.anomaly_scores_by_rule(tabular[:7])
+    for rule, scores in chosen.items():
+        assert scores.shape == (7,)
+        np.testing.assert_array_equal(scores, everything[rule])
+    np.testing.assert_array_equal(everything[det.score_rule_], det.anomaly_score(tabular[:7]))
+    with pytest.raises(ValueError, match="unknown score rules"):
+        det.anomaly_scores_by_rule(tabular, rules=("density",))
+    with pytest.raises(TypeError, match="sequence of rule names"):
+        det.anomaly_scores_by_rule(tabular, rules="energy")
+    vae = LatentEBMDetector(**TINY, objective="vae", random_state=0).fit(tabular)
+    assert "energy" not in vae.anomaly_scores_by_rule(tabular)
+    with pytest.raises(ValueError, match="needs objective='triangle'"):
+        vae.anomaly_scores_by_rule(tabular, rules=("energy",))

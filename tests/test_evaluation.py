@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from evaluation import cli, datasets, protocols
-from evaluation.methods import MethodOptions, anomaly_scores, make_method, scores_by_rule
+from evaluation.methods import MethodOptions, anomaly_scores, make_method
 from evaluation.metrics import detection_metrics
 from evaluation.results import ResultLog, mean_rank, paired, summary
 from evaluation.suites import held_out_class_suite
@@ -91,11 +91,11 @@ def test_paired_compares_the_reference_on_shared_runs_only():
     assert table.loc["c", "runs"] == 1 and np.isnan(table.loc["c", "wilcoxon_p"])  # a tie
 
 
-def test_scores_by_rule_match_the_estimator(images):
+def test_anomaly_scores_by_rule_match_each_rule_s_definition(images):
     from anomaly import LatentEBMDetector
 
     det = LatentEBMDetector(**TINY, score_rule="elbo", random_state=0).fit(images)
-    rules = scores_by_rule(det, images)
+    rules = det.anomaly_scores_by_rule(images)
     assert set(rules) == {"energy", "joint", "reconstruction", "elbo", "latent_knn", "fused"}
     np.testing.assert_allclose(rules["elbo"], det.anomaly_score(images))
     # Each rule by its definition, from the networks directly.

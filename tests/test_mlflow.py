@@ -269,3 +269,17 @@ def test_pyfunc_and_rest_take_missing_cells_for_a_model_fitted_with_them(trackin
         empty = requests.post(f"{base}/invocations", timeout=30, json={
             "dataframe_split": {"columns": columns, "data": [[None] * 4]}})
         assert empty.status_code == 400 and "every entry missing" in empty.json()["message"]
+
+
+def test_throwaway_registry_serves_a_registered_model_and_leaves_nothing(tracking, detector):
+    from evaluation.tracking import throwaway_registry
+
+    with throwaway_registry(detector, "scratch") as (uri, info, directory):
+        assert mlflow.get_tracking_uri() == uri != tracking
+        assert info.registered_model_version == 1
+        loaded = mlflow.pyfunc.load_model("models:/scratch/1")
+        frame = pd.DataFrame(X[:3], columns=[f"x{i}" for i in range(4)])
+        np.testing.assert_allclose(loaded.predict(frame)["score_samples"],
+                                   detector.score_samples(X[:3]), rtol=1e-5)
+    assert not directory.exists()
+    assert mlflow.get_tracking_uri() == tracking and mlflow.get_registry_uri() == tracking

@@ -52,3 +52,19 @@ def test_energy_scale_multiplies_the_energy():
     torch.testing.assert_close(scaled.energy(x, z), 7.0 * base.energy(x, z))
     with pytest.raises(ValueError, match="energy_scale"):
         NetworkConfig(input_shape=(5,), energy_scale=0.0)
+
+
+@pytest.mark.parametrize("with_energy", [True, False])
+def test_networks_is_one_module_over_its_three_parts(with_energy):
+    nets = build_networks(NetworkConfig(input_shape=(6,), latent_dim=2, width=8),
+                          with_energy=with_energy)
+    parts = ["encoder", "generator"] + (["energy"] if with_energy else [])
+    assert [name for name, _ in nets.named_children()] == parts
+    # saved weights and checkpoints rely on these keys
+    assert {key.split(".", 1)[0] for key in nets.state_dict()} == set(parts)
+    nets.to(torch.float64).eval()
+    modules = [getattr(nets, name) for name in parts]
+    assert all(p.dtype == torch.float64 for m in modules for p in m.parameters())
+    assert not any(m.training for m in modules)
+    moved = sum(p.numel() for m in modules for p in m.parameters())
+    assert sum(p.numel() for p in nets.parameters()) == moved

@@ -62,7 +62,7 @@ def _changed(module, before):
 
 def test_ebm_step_moves_only_the_energy():
     nets, opts, config, x = _setup()
-    before = {name: _params(m) for name, m in nets.named()}
+    before = {name: _params(m) for name, m in nets.named_children()}
     ebm_update(nets, opts, x, draw_pairs(nets, x), config)
     assert _changed(nets.energy, before["energy"])
     assert not _changed(nets.encoder, before["encoder"])
@@ -72,7 +72,7 @@ def test_ebm_step_moves_only_the_energy():
 @pytest.mark.parametrize("variant", ["kl_plus", "kl_minus"])
 def test_encoder_generator_step_leaves_energy_alone(variant):
     nets, opts, config, x = _setup(variant)
-    before = {name: _params(m) for name, m in nets.named()}
+    before = {name: _params(m) for name, m in nets.named_children()}
     encoder_generator_update(nets, opts, x, draw_pairs(nets, x), config)
     assert not _changed(nets.energy, before["energy"])
     assert _changed(nets.encoder, before["encoder"])
@@ -122,7 +122,7 @@ def test_extra_critic_negatives_are_mismatched_and_wide_pairs():
 def test_critic_step_with_extra_negatives_moves_only_the_energy(kinds):
     nets, opts, config, x = _setup(critic_negatives=kinds)
     nets.energy.eval()  # no power iteration: every call below sees the same normalised weights
-    before = {name: _params(m) for name, m in nets.named()}
+    before = {name: _params(m) for name, m in nets.named_children()}
     pairs = draw_pairs(nets, x)
     with torch.no_grad():
         x_neg, z_neg = extra_negatives(nets, x, pairs, kinds)
@@ -192,7 +192,7 @@ def test_simultaneous_step_gives_each_network_its_own_loss_gradient_at_the_old_c
     for got, want in zip(got_critic + got_rest, list(want_critic) + list(want_rest),
                          strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    for name, module in nets.named():
+    for name, module in nets.named_children():
         assert _changed(module, _params(getattr(reference, name)))
 
 
@@ -223,4 +223,4 @@ def test_bfloat16_training_keeps_float32_parameters_and_finite_losses():
     config = TrainConfig(training_precision="bfloat16")
     metrics = select_step(config)(nets, Optimizers.create(nets, config), x, config)
     assert all(torch.isfinite(v) for v in metrics.values())
-    assert all(p.dtype == torch.float32 for _, m in nets.named() for p in m.parameters())
+    assert all(p.dtype == torch.float32 for _, m in nets.named_children() for p in m.parameters())

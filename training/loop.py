@@ -347,21 +347,52 @@ class _Snapshot:
     schedulers: list[dict]
 
 
-def _snapshot(networks: Networks, optimizers: Optimizers, schedulers: list) -> _Snapshot:
-    return _Snapshot(
-        networks=networks.state_dict(),
-        optimizers=[copy.deepcopy(o.state_dict()) for o in optimizers.all()],
-        schedulers=[copy.deepcopy(s.state_dict()) for s in schedulers],
-    )
+@dataclass
+class _TrainingState:
+    """Everything an epoch reads or changes, so the loop's helpers take one argument."""
 
+    networks: Networks
+    optimizers: Optimizers
+    schedulers: list
+    step: Callable
+    data: torch.Tensor
+    config: TrainConfig
+    generator: torch.Generator | None
+    history: TrainingHistory
+    observed: torch.Tensor | None = None
+    checkpointer: Checkpointer | None = None
 
-def _restore(snapshot: _Snapshot, networks: Networks, optimizers: Optimizers,
-             schedulers: list) -> None:
-    networks.load_state_dict(snapshot.networks)
-    for optimizer, state in zip(optimizers.all(), snapshot.optimizers, strict=True):
-        optimizer.load_state_dict(copy.deepcopy(state))
-    for scheduler, state in zip(schedulers, snapshot.schedulers, strict=True):
-        scheduler.load_state_dict(state)
+    def snapshot(self) -> _Snapshot:
+        return _Snapshot(
+            networks={k: v.detach().clone() for k, v in self.networks.state_dict().items()},
+            optimizers=[copy.deepcopy(o.state_dict()) for o in self.optimizers.all()],
+            schedulers=[copy.deepcopy(s.state_dict()) for s in self.schedulers],
+        )
+
+    def restore(self, snapshot: _Snapshot) -> None:
+        self.networks.load_state_dict(snapshot.networks)
+        for optimizer, state in zip(self.optimizers.all(), snapshot.optimizers, strict=True):
+            optimizer.load_state_dict(copy.deepcopy(state))
+        for scheduler, state in zip(self.schedulers, snapshot.schedulers, strict=True):
+            scheduler.load_state_dict(state)
+
+    def save_checkpoint(self, good: _Snapshot) -> None:
+        self.checkpointer.save({
+            "snapshot": vars(good), "epochs": self.history.epochs,
+            "rollbacks": self.history.rollbacks,
+            "generator": None if self.generator is None else self.generator.get_state(),
+            # the missing entries' current fill is training state too
+            "filled": None if self.observed is None else self.data.detach().cpu().contiguous(),
+        })
+
+    def resume(self, resumed: dict) -> None:
+        self.restore(_Snapshot(**resumed["snapshot"]))
+        if self.generator is not None:
+            self.generator.set_state(resumed["generator"])
+        self.history = TrainingHistory(epochs=list(resumed["epochs"]),
+                                       rollbacks=int(resumed["rollbacks"]))
+        if self.observed is not None:
+            self.data.copy_(resumed["filled"].to(self.data.device).reshape(self.data.shape))
 
 
 def select_step(config: TrainConfig):
@@ -395,12 +426,15 @@ def fill_missing(networks: Networks, data: torch.Tensor, observed: torch.Tensor,
         data[index] = torch.where(keep, x, x_hat)
 
 
-def _run_epoch(step, networks, optimizers, data, config, generator, deadline: float | None,
-               observed: torch.Tensor | None = None) -> dict[str, float] | None:
-    """One pass over ``data`` in a random order, cut short after the minibatch that crosses
-    ``deadline`` (a ``time.perf_counter`` value); None as soon as a loss is not finite.
-    ``batches_fraction`` in the result says how much of the epoch ran. With ``observed``, the
-    missing entries of each minibatch are filled anew after its step (:func:`fill_missing`)."""
+def _run_epoch(state: _TrainingState, deadline: float | None) -> dict[str, float] | None:
+    """One pass over ``state.data`` in a random order, cut short after the minibatch that
+    crosses ``deadline`` (a ``time.perf_counter`` value); None as soon as a loss is not
+    finite. ``batches_fraction`` in the result says how much of the epoch ran. With
+    ``state.observed``, the missing entries of each minibatch are filled anew after its step
+    (:func:`fill_missing`)."""
+    step, networks, optimizers, config, generator = (
+        state.step, state.networks, state.optimizers, state.config, state.generator)
+    data, observed = state.data, state.observed
     n = data.shape[0]
     order = torch.randperm(n, generator=generator, device=data.device)
     totals: dict[str, torch.Tensor] = {}
@@ -434,7 +468,7 @@ def use_training_layout(networks: Networks, data: torch.Tensor) -> torch.Tensor:
     for the triangle step on 28x28, the VAE unchanged), unchanged otherwise."""
     if data.ndim != 4 or data.device.type != "cpu":
         return data
-    networks.to_memory_format(torch.channels_last)
+    networks.to(memory_format=torch.channels_last)
     return data.contiguous(memory_format=torch.channels_last)
 
 
@@ -472,33 +506,32 @@ def train_networks(
     if observed is not None:
         observed = observed.reshape(data.shape)
     optimizers = Optimizers.create(networks, config)
-    schedulers = [torch.optim.lr_scheduler.ExponentialLR(o, config.lr_decay)
-                  for o in optimizers.all()]
-    history = TrainingHistory()
+    state = _TrainingState(
+        networks=networks, optimizers=optimizers,
+        schedulers=[torch.optim.lr_scheduler.ExponentialLR(o, config.lr_decay)
+                    for o in optimizers.all()],
+        step=step, data=data, config=config, generator=generator, history=TrainingHistory(),
+        observed=observed, checkpointer=checkpointer)
     resumed = checkpointer.load() if checkpointer is not None else None
     if resumed is not None:
-        _restore(_Snapshot(**resumed["snapshot"]), networks, optimizers, schedulers)
-        if generator is not None:
-            generator.set_state(resumed["generator"])
-        history = TrainingHistory(epochs=list(resumed["epochs"]),
-                                  rollbacks=int(resumed["rollbacks"]))
-        if observed is not None:
-            data.copy_(resumed["filled"].to(data.device).reshape(data.shape))
-        logger.info("resuming from %s after epoch %d", checkpointer.path, len(history.epochs))
+        state.resume(resumed)
+        logger.info("resuming from %s after epoch %d", checkpointer.path,
+                    len(state.history.epochs))
     try:
-        _train_epochs(networks, optimizers, schedulers, step, data, config, generator,
-                      callbacks, verbose, history, checkpointer, observed)
+        _train_epochs(state, callbacks, verbose)
     finally:
         # Fitted models keep the default layout: it is what save, export and scoring expect.
-        networks.to_memory_format(torch.contiguous_format)
+        networks.to(memory_format=torch.contiguous_format)
         networks.train(False)
-    return history
+    return state.history
 
 
-def _train_epochs(networks, optimizers, schedulers, step, data, config, generator, callbacks,
-                  verbose, history, checkpointer, observed) -> None:
+def _train_epochs(state: _TrainingState, callbacks: Sequence[EpochCallback],
+                  verbose: int) -> None:
+    networks, optimizers, config, history = (
+        state.networks, state.optimizers, state.config, state.history)
     networks.train()
-    good = _snapshot(networks, optimizers, schedulers)
+    good = state.snapshot()
     epoch = len(history.epochs)  # > 0 when resuming
     progress = tqdm(total=config.epochs, initial=epoch, desc=f"training ({config.objective})",
                     disable=verbose == 0, leave=False)
@@ -506,10 +539,9 @@ def _train_epochs(networks, optimizers, schedulers, step, data, config, generato
                 else time.perf_counter() + config.max_training_seconds)
     while epoch < config.epochs:
         started = time.perf_counter()
-        metrics = _run_epoch(step, networks, optimizers, data, config, generator, deadline,
-                             observed)
+        metrics = _run_epoch(state, deadline)
         finite_params = metrics is not None and all(
-            torch.isfinite(p).all() for m in networks.modules() for p in m.parameters())
+            torch.isfinite(p).all() for p in networks.parameters())
         if not finite_params:
             history.rollbacks += 1
             if history.rollbacks > config.max_rollbacks:
@@ -524,24 +556,18 @@ def _train_epochs(networks, optimizers, schedulers, step, data, config, generato
             # The restored state holds the last good epoch's rates; halving the rates in force
             # instead lets repeated rollbacks go on lowering them (lr/2, lr/4, ...).
             rates = optimizers.learning_rates()
-            _restore(good, networks, optimizers, schedulers)
+            state.restore(good)
             optimizers.set_learning_rates([0.5 * rate for rate in rates])
             continue
-        for scheduler in schedulers:
+        for scheduler in state.schedulers:
             scheduler.step()
         metrics["seconds"] = time.perf_counter() - started
         metrics["epoch"] = epoch + 1
         history.epochs.append(metrics)
-        good = _snapshot(networks, optimizers, schedulers)
-        if checkpointer is not None and ((epoch + 1) % checkpointer.every == 0
-                                         or epoch + 1 == config.epochs):
-            checkpointer.save({"snapshot": vars(good), "epochs": history.epochs,
-                               "rollbacks": history.rollbacks,
-                               "generator": None if generator is None
-                               else generator.get_state(),
-                               # the missing entries' current fill is training state too
-                               "filled": None if observed is None
-                               else data.detach().cpu().contiguous()})
+        good = state.snapshot()
+        if state.checkpointer is not None and ((epoch + 1) % state.checkpointer.every == 0
+                                               or epoch + 1 == config.epochs):
+            state.save_checkpoint(good)
         for callback in callbacks:
             callback(epoch + 1, metrics)
         logger.debug("epoch %d: %s", epoch + 1, metrics)

@@ -7,7 +7,6 @@ images ``(n, C, H, W)`` for the conv variant. Each conv stage halves H and W.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -123,50 +122,19 @@ class JointEnergy(nn.Module):
         return self.scale * nn.functional.softplus(self.head(h)).squeeze(1)
 
 
-@dataclass
-class Networks:
-    """The three networks of one model; ``energy`` is None for the plain VAE."""
+class Networks(nn.Module):
+    """The three networks of one model; ``energy`` is None for the plain VAE.
 
-    encoder: Encoder
-    generator: Generator
-    energy: JointEnergy | None
+    A module, so that moving, mode switches and state dicts (keys ``encoder.*``,
+    ``generator.*``, ``energy.*``) cover all three at once.
+    """
 
-    def modules(self) -> list[nn.Module]:
-        return [m for m in (self.encoder, self.generator, self.energy) if m is not None]
-
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Networks:
-        for module in self.modules():
-            module.to(device=device, dtype=dtype)
-        return self
-
-    def to_memory_format(self, memory_format: torch.memory_format) -> Networks:
-        """Lay out every 4-D weight in ``memory_format`` (``torch.channels_last`` or
-        ``torch.contiguous_format``)."""
-        for module in self.modules():
-            module.to(memory_format=memory_format)
-        return self
-
-    def train(self, mode: bool = True) -> Networks:
-        for module in self.modules():
-            module.train(mode)
-        return self
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """Flat ``{"encoder.<name>": tensor, ...}``, detached clones."""
-        return {
-            f"{prefix}.{key}": value.detach().clone()
-            for prefix, module in self.named()
-            for key, value in module.state_dict().items()
-        }
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        for prefix, module in self.named():
-            own = {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith(prefix + ".")}
-            module.load_state_dict(own, strict=True)
-
-    def named(self) -> list[tuple[str, nn.Module]]:
-        pairs = [("encoder", self.encoder), ("generator", self.generator)]
-        return pairs + ([("energy", self.energy)] if self.energy is not None else [])
+    def __init__(self, encoder: Encoder, generator: Generator,
+                 energy: JointEnergy | None = None) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.generator = generator
+        self.energy = energy
 
     def freeze_spectral_norm(self) -> None:
         """Replace spectral-norm parametrisations by the normalised weights they produce.
