@@ -16,10 +16,7 @@ from sklearn.neighbors import LocalOutlierFactor
 from sklearn.svm import OneClassSVM
 
 from anomaly import LatentEBMDetector
-
-SKLEARN_PEERS = ("isolation_forest", "lof", "ocsvm")
-PYOD_PEERS = ("pyod_knn", "pyod_ecod", "pyod_copod", "pyod_hbos", "pyod_pca", "pyod_vae")
-OURS = ("triangle", "vae_ablation")
+from evaluation.method_names import ALL_METHODS, PYOD_PEERS
 
 
 @dataclass(frozen=True)
@@ -72,7 +69,7 @@ def make_method(name: str, seed: int, options: MethodOptions | None = None) -> A
         return builders[name]()
     if name in PYOD_PEERS:
         return _pyod(name, seed)
-    raise ValueError(f"unknown method {name!r}; choose from {OURS + SKLEARN_PEERS + PYOD_PEERS}")
+    raise ValueError(f"unknown method {name!r}; choose from {ALL_METHODS}")
 
 
 def anomaly_scores(method: Any, X: np.ndarray) -> np.ndarray:
