@@ -51,6 +51,8 @@ CALIBRATION_MISSING_RATES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 # sit; a median-and-IQR map left normal rows with half their entries missing flagged a
 # quarter less often than complete ones at alpha = 0.05 on load_digits).
 MISSING_QUANTILES = (0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0)
+# Rows per rate: more are subsampled; fewer are repeated, each copy with its own entries
+# removed, so that the map's tail quantiles do not rest on a single draw per row.
 MISSING_CALIBRATION_ROWS = 2000
 
 
@@ -185,9 +187,10 @@ class AnomalyScorer(nn.Module):
         """Measure how each rule's scores of normal rows ``x_bank_raw`` move when entries
         are missing: at each of ``CALIBRATION_MISSING_RATES``, remove that fraction of the
         entries of (at most ``MISSING_CALIBRATION_ROWS`` of) the rows at random, and store
-        the ``MISSING_QUANTILES`` of every rule's scores. :meth:`scores` then maps the score
-        of a row with missing entries from its rate's quantiles onto those of complete rows,
-        so that a normal row is as likely to pass a threshold whatever its missing rate.
+        the ``MISSING_QUANTILES`` of every rule's scores (fewer rows are repeated, with fresh
+        removals). :meth:`scores` then maps the score of a row with missing entries from its
+        rate's quantiles onto those of complete rows, so that a normal row is as likely to
+        pass a threshold whatever its missing rate.
         Without missing entries a score is unchanged. ``in_bank``: the rows are the code
         bank's (training rows, each scored without its own code as a neighbour); False for
         rows the networks did not see (calibration rows)."""
@@ -195,9 +198,12 @@ class AnomalyScorer(nn.Module):
             raise ValueError("calibrate_missing_rates needs a scorer that allows missing "
                              "entries")
         generator = torch.Generator().manual_seed(seed)
-        if x_bank_raw.shape[0] > MISSING_CALIBRATION_ROWS:
-            keep = torch.randperm(x_bank_raw.shape[0], generator=generator)
+        n_rows = x_bank_raw.shape[0]
+        if n_rows > MISSING_CALIBRATION_ROWS:
+            keep = torch.randperm(n_rows, generator=generator)
             x_bank_raw = x_bank_raw[keep[:MISSING_CALIBRATION_ROWS]]
+        elif n_rows > 0:
+            x_bank_raw = x_bank_raw.repeat(max(MISSING_CALIBRATION_ROWS // n_rows, 1), 1)
         rules = tuple(r for r in SCORE_RULES if r != "energy" or self.energy is not None)
         self.missing_rates = torch.zeros(0, dtype=self.shift.dtype)  # raw scores below
         levels = torch.tensor(MISSING_QUANTILES, dtype=self.shift.dtype)
