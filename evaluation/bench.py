@@ -306,6 +306,13 @@ def _spark(run: Run) -> Report:
     return Report({"spark": spark_run().set_index("rows")}, digits=6)
 
 
+def _scale(run: Run) -> Report:
+    from evaluation.scale import scoring_memory
+
+    table = scoring_memory(run.args.rows or (1_000_000, 3_000_000, 10_000_000))
+    return Report({"scoring_memory": table.set_index(["rows", "mode"])}, digits=1)
+
+
 def _robustness(run: Run) -> Report:
     import pandas as pd
 
@@ -422,6 +429,9 @@ SUITES: dict[str, Suite] = {
                      "omitted)"),
     "rest": Suite(_rest, "load test of the MLflow REST server on 127.0.0.1"),
     "spark": Suite(_spark, "score 500k rows through spark_udf in local mode"),
+    "scale": Suite(_scale, "peak memory and time of divtri score on synthetic parquet files "
+                   "of --rows rows (default 1M, 3M, 10M) x 16 features, streamed against "
+                   "held in memory"),
     "robustness": Suite(_robustness, "40 kinds of bad input against the estimator, ONNX, "
                         "divtri score, the pyfunc model and the REST server, plus a mixed "
                         "good/bad REST load"),

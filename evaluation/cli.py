@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="training time budget per deep model (epochs then default to "
                             "1000, so the budget decides)")
     bench.add_argument("--seeds", type=_ints, default=None, help="e.g. 0,1,2")
+    bench.add_argument("--rows", type=_ints, default=None,
+                       help="scale: row counts of the synthetic files, e.g. 1000000,3000000")
     bench.add_argument("--epochs", type=int, default=None, help="epochs of the deep methods")
     bench.add_argument("--methods", type=_names, default=None,
                        help=f"comma-separated; default {','.join(DEFAULT_METHODS)}, plus "
@@ -141,8 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     score = commands.add_parser("score", help="score a data file, write a CSV")
     score.add_argument("model", type=Path, help=".onnx file or saved detector directory")
-    score.add_argument("data", type=Path, help=".npy, .npz, .csv or .parquet")
-    score.add_argument("--out", type=Path, default=Path("scores.csv"))
+    score.add_argument("data", type=Path, help=".npy (memory-mapped), .npz, .csv, .parquet or "
+                                               "a directory of .parquet files")
+    score.add_argument("--out", type=Path, default=Path("scores.csv"),
+                       help="a .csv or .parquet file; rows are read, scored and written in "
+                            "batches, so memory stays flat however large DATA is")
     score.add_argument("--alpha", type=float, default=None,
                        help="flag rows whose conformal p-value is at most ALPHA (a calibrated "
                             "model) instead of using the saved threshold")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from serving.data_files import read_rows
+from serving.data_files import iter_row_batches, read_rows
 
 
 def fit_command(data: Path, out: Path, params: dict, *, drop_columns=(),
@@ -55,45 +55,107 @@ def export_command(model_dir: Path, out: Path, graph: str = "scorer") -> Path:
     return export_onnx(LatentEBMDetector.load(model_dir), out, graph=graph)
 
 
-def score_command(model: Path, data: Path, out: Path, alpha: float | None = None) -> int:
-    """Score ``data`` with an .onnx file (torch is not imported) or a saved detector
-    directory; write a CSV with score_samples, decision, label and p_value (NaN for an
-    uncalibrated model). With ``alpha`` the label flags p-values at most ``alpha``.
-    Returns the row count."""
-    import pandas as pd
+# Rows per batch of ``divtri score``: memory stays flat in the file's size.
+SCORE_BATCH_ROWS = 65_536
 
-    from serving.runtime import check_alpha, conformal_labels
+
+def score_command(model: Path, data: Path, out: Path, alpha: float | None = None,
+                  batch_rows: int = SCORE_BATCH_ROWS) -> int:
+    """Score ``data`` with an .onnx file (torch is not imported) or a saved detector
+    directory; write score_samples, decision, label and p_value (NaN for an uncalibrated
+    model) to ``out``, a CSV or (``.parquet``) a parquet file. With ``alpha`` the label flags
+    p-values at most ``alpha``. The file is read and scored ``batch_rows`` rows at a time
+    and each batch written as it comes (:func:`iter_row_batches`), so memory does not grow
+    with the file. Returns the row count."""
+    from serving.runtime import check_alpha
 
     if alpha is not None:
         check_alpha(alpha)
-    rows = read_rows(data)
-    if Path(model).suffix.lower() == ".onnx":
-        from serving.runtime import OnnxDetector
+    score_batch = (_onnx_scorer(model, alpha) if Path(model).suffix.lower() == ".onnx"
+                   else _detector_scorer(model, alpha))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with _ScoreWriter(out) as writer:
+        for rows in iter_row_batches(data, batch_rows):
+            if len(rows):
+                writer.write(score_batch(rows))
+    return writer.n_rows
 
-        result = OnnxDetector(model).score_all(rows, alpha=alpha)
-    else:
-        import torch
 
-        from anomaly import LatentEBMDetector
-        from anomaly._rules import outlier_labels
+def _onnx_scorer(model: Path, alpha: float | None):
+    from serving.runtime import OnnxDetector
 
-        detector = LatentEBMDetector.load(model)
+    runtime = OnnxDetector(model)
+    return lambda rows: runtime.score_all(rows, alpha=alpha)
+
+
+def _detector_scorer(model: Path, alpha: float | None):
+    import torch
+
+    from anomaly import LatentEBMDetector
+    from anomaly._rules import outlier_labels
+    from serving.runtime import conformal_labels
+
+    detector = LatentEBMDetector.load(model)
+    calibrated = detector.scorer_.calibration_scores.shape[0] > 0
+    if alpha is not None and not calibrated:
+        raise ValueError("--alpha needs a calibrated model (calibrate(X_normal) or "
+                         "calibration=0.2 when fitting)")
+
+    def score_batch(rows) -> dict[str, np.ndarray]:
         if hasattr(rows, "to_numpy") and not hasattr(detector, "feature_names_in_"):
             rows = rows.to_numpy()
         score = detector.score_samples(rows)
         decision = score - detector.offset_
-        calibrated = detector.scorer_.calibration_scores.shape[0] > 0
-        if alpha is not None and not calibrated:
-            raise ValueError("--alpha needs a calibrated model (calibrate(X_normal) or "
-                             "calibration=0.2 when fitting)")
         # p-values from the scores already computed, not a second pass through the networks
         p_value = (detector.scorer_.p_values(torch.from_numpy(-score)).numpy() if calibrated
                    else np.full(len(score), np.nan))
         label = (outlier_labels(decision) if alpha is None
                  else conformal_labels(p_value, alpha))
-        result = {"score_samples": score, "decision": decision, "label": label,
-                  "p_value": p_value}
-    frame = pd.DataFrame(result)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(out, index=False)
-    return len(frame)
+        return {"score_samples": score, "decision": decision, "label": label,
+                "p_value": p_value}
+
+    return score_batch
+
+
+class _ScoreWriter:
+    """Appends batches of result columns to a CSV or a parquet file. Writes to a temporary
+    name and renames it at the end, so a failed run leaves no half-written result under
+    the name asked for."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.parquet = path.suffix.lower() == ".parquet"
+        self.partial = path.with_name(path.name + ".partial")
+        self.n_rows = 0
+        self._parquet_writer = None
+
+    def __enter__(self) -> _ScoreWriter:
+        self.partial.unlink(missing_ok=True)
+        return self
+
+    def write(self, columns: dict[str, np.ndarray]) -> None:
+        import pandas as pd
+
+        frame = pd.DataFrame(columns)
+        if self.parquet:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            table = pa.Table.from_pandas(frame, preserve_index=False)
+            if self._parquet_writer is None:
+                self._parquet_writer = pq.ParquetWriter(self.partial, table.schema)
+            self._parquet_writer.write_table(table)
+        else:
+            frame.to_csv(self.partial, mode="a", header=self.n_rows == 0, index=False)
+        self.n_rows += len(frame)
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if self._parquet_writer is not None:
+            self._parquet_writer.close()
+        if kind is not None:
+            self.partial.unlink(missing_ok=True)
+            return
+        if self.n_rows == 0:
+            raise ValueError("no rows to score: the input file is empty")
+        self.partial.replace(self.path)

@@ -195,3 +195,15 @@ def test_throughput_table_counts_the_flops_each_lever_saves():
                                  repeats=1).set_index("dtype")
     assert list(scoring.index) == ["float32", "float64"]
     assert (scoring.achieved_gflops > 0).all() and (scoring.peak_fraction > 0).all()
+
+
+@pytest.mark.slow
+def test_scale_suite_measures_streamed_and_in_memory_scoring(tmp_path):
+    code = cli.main(["bench", "--suite", "scale", "--rows", "3000,70000", "--out",
+                     str(tmp_path)])
+    assert code == 0
+    table = pd.read_csv(tmp_path / "scale" / "scoring_memory.csv")
+    assert sorted(zip(table["rows"], table["mode"], strict=True)) == [
+        (3000, "in memory"), (3000, "streamed"), (70000, "in memory"), (70000, "streamed")]
+    assert (table["peak_rss_mb"] > 0).all() and (table["seconds"] > 0).all()
+    assert table["file_mb"].is_monotonic_increasing

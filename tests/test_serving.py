@@ -12,6 +12,7 @@ import torch
 
 from anomaly import LatentEBMDetector
 from evaluation import cli
+from serving.commands import score_command
 from serving.export import export_onnx, read_metadata
 from serving.runtime import OnnxDetector
 from tests.conftest import TINY
@@ -317,3 +318,45 @@ def test_fit_command_trains_saves_and_feeds_score(tmp_path, capsys):
     assert len(pd.read_csv(tmp_path / "s.csv")) == len(frame)
     assert cli.main([*args[:-2], "--drop-columns", "nope"]) == 2
     assert "not columns" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".csv", ".parquet", "dir"])
+@pytest.mark.parametrize("engine", ["onnx", "saved"])
+def test_score_streams_in_batches_to_csv_or_parquet(exported, tmp_path, suffix, engine):
+    det, onnx_path = exported["tabular"]
+    X = _fresh("tabular", 23)
+    frame = pd.DataFrame(X, columns=[f"f{i}" for i in range(6)])
+    data = tmp_path / ("parts" if suffix == "dir" else f"data{suffix}")
+    if suffix == ".npy":
+        np.save(data, X)
+    elif suffix == ".csv":
+        frame.to_csv(data, index=False)
+    elif suffix == ".parquet":
+        frame.to_parquet(data, row_group_size=4)
+    else:  # a directory of parquet parts, read in name order
+        data.mkdir()
+        for i, start in enumerate(range(0, len(X), 10)):
+            frame.iloc[start:start + 10].to_parquet(data / f"part-{i:02d}.parquet")
+    model = onnx_path if engine == "onnx" else det.save(tmp_path / "model")
+    for out in (tmp_path / "s.csv", tmp_path / "s.parquet"):
+        # batches of 5 rows: the last is short, and a parquet row group spans two batches
+        assert score_command(model, data, out, batch_rows=5) == len(X)
+        scores = pd.read_csv(out) if out.suffix == ".csv" else pd.read_parquet(out)
+        np.testing.assert_allclose(scores["score_samples"], det.score_samples(X), rtol=1e-5)
+        np.testing.assert_array_equal(scores["label"], det.predict(X))
+        assert not out.with_name(out.name + ".partial").exists()
+
+
+def test_score_failing_midway_leaves_no_result_file(exported, tmp_path):
+    _, onnx_path = exported["tabular"]
+    X = _fresh("tabular", 12)
+    X[9, 2] = np.inf  # in the second batch of 5 rows
+    np.save(tmp_path / "bad.npy", X)
+    out = tmp_path / "s.csv"
+    with pytest.raises(ValueError, match="infinity"):
+        score_command(onnx_path, tmp_path / "bad.npy", out, batch_rows=5)
+    assert not out.exists() and not out.with_name("s.csv.partial").exists()
+    np.save(tmp_path / "empty.npy", np.zeros((0, 6)))
+    with pytest.raises(ValueError, match="no rows to score"):
+        score_command(onnx_path, tmp_path / "empty.npy", out)
+    assert not out.exists()

@@ -1,0 +1,98 @@
+"""Peak memory and wall time of ``divtri score`` as the file grows, against scoring the same
+rows held in memory.
+
+Each measurement runs in its own Python process, so that its peak resident set size
+(``ru_maxrss``) is its own. The synthetic parquet files are written batch by batch into a
+temporary directory and deleted after.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+N_FEATURES = 16
+WRITE_BATCH_ROWS = 500_000
+
+# Run in a fresh interpreter: score one file, print wall time and peak RSS as JSON.
+_STREAMED = """
+import json, resource, sys, time
+from serving.commands import score_command
+started = time.perf_counter()
+n = score_command(sys.argv[1], sys.argv[2], sys.argv[3])
+print(json.dumps({"rows": n, "seconds": time.perf_counter() - started,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+_IN_MEMORY = """
+import json, resource, sys, time
+import pandas as pd
+from serving.runtime import OnnxDetector
+started = time.perf_counter()
+rows = pd.read_parquet(sys.argv[2])
+result = OnnxDetector(sys.argv[1]).score_all(rows)
+pd.DataFrame(result).to_csv(sys.argv[3], index=False)
+print(json.dumps({"rows": len(rows), "seconds": time.perf_counter() - started,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def write_synthetic_parquet(path: Path, n_rows: int, seed: int = 0) -> None:
+    """``n_rows`` x ``N_FEATURES`` standard normal rows, written batch by batch."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.RandomState(seed)
+    columns = [f"x{i}" for i in range(N_FEATURES)]
+    writer = None
+    try:
+        for start in range(0, n_rows, WRITE_BATCH_ROWS):
+            block = rng.normal(size=(min(WRITE_BATCH_ROWS, n_rows - start), N_FEATURES))
+            table = pa.Table.from_pandas(pd.DataFrame(block, columns=columns),
+                                         preserve_index=False)
+            if writer is None:
+                writer = pq.ParquetWriter(path, table.schema)
+            writer.write_table(table)
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+def _measure(script: str, model: Path, data: Path, out: Path) -> dict:
+    done = subprocess.run([sys.executable, "-c", script, str(model), str(data), str(out)],
+                          check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def scoring_memory(row_counts: Sequence[int] = (1_000_000, 3_000_000, 10_000_000), *,
+                   epochs: int = 3, in_memory_up_to: int = 10_000_000) -> pd.DataFrame:
+    """One row per (rows, mode): ``streamed`` is ``divtri score`` (an ONNX model, parquet in,
+    CSV out); ``in memory`` reads the whole file with pandas and scores it in one call.
+    The model is the default detector fitted on 5,000 rows of the same distribution."""
+    from anomaly import LatentEBMDetector
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        X = np.random.RandomState(1).normal(size=(5000, N_FEATURES))
+        model = LatentEBMDetector(epochs=epochs, random_state=0).fit(X).to_onnx(
+            work / "model.onnx")
+        for n_rows in row_counts:
+            data = work / f"rows_{n_rows}.parquet"
+            write_synthetic_parquet(data, n_rows)
+            file_mb = data.stat().st_size / 2**20
+            modes = [("streamed", _STREAMED)]
+            if n_rows <= in_memory_up_to:
+                modes.append(("in memory", _IN_MEMORY))
+            for mode, script in modes:
+                result = _measure(script, model, data, work / "scores.csv")
+                rows.append({"rows": n_rows, "mode": mode, "file_mb": round(file_mb, 1),
+                             **result, "rows_per_second": result["rows"] / result["seconds"]})
+            data.unlink()
+    return pd.DataFrame(rows)
