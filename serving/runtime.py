@@ -1,6 +1,7 @@
 """OnnxDetector: the estimator's scoring API on ONNX Runtime, without torch.
 
-Imports numpy, onnx (to verify the file), onnxruntime and the pure-numpy `anomaly._rules`; never torch.
+Imports numpy, onnx (to verify the file), onnxruntime and the pure-numpy
+`anomaly._rules`; never torch.
 """
 
 from __future__ import annotations
