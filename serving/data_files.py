@@ -83,11 +83,7 @@ def iter_row_batches(path: str | Path, batch_rows: int) -> Iterator:
         raise ValueError(f"batch_rows must be positive, got {batch_rows}")
     path = Path(path)
     suffix = ".parquet" if path.is_dir() else path.suffix.lower()
-    if suffix == ".npy":
-        rows = np.load(path, mmap_mode="r", allow_pickle=False)
-        for start in range(0, max(len(rows), 1), batch_rows):
-            yield np.asarray(rows[start:start + batch_rows])
-    elif suffix == ".csv":
+    if suffix == ".csv":
         import pandas as pd
 
         with pd.read_csv(path, header=0 if _csv_has_header(path) else None,
@@ -101,6 +97,7 @@ def iter_row_batches(path: str | Path, batch_rows: int) -> Iterator:
                 for batch in parquet.iter_batches(batch_size=batch_rows):
                     yield batch.to_pandas()
     else:
-        rows = read_rows(path)
+        rows = (np.load(path, mmap_mode="r", allow_pickle=False) if suffix == ".npy"
+                else read_rows(path))
         for start in range(0, max(len(rows), 1), batch_rows):
-            yield rows[start:start + batch_rows]
+            yield np.asarray(rows[start:start + batch_rows])
