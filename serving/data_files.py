@@ -93,7 +93,9 @@ def iter_row_batches(path: str | Path, batch_rows: int) -> Iterator:
         import pyarrow.parquet as pq
 
         for file in _parquet_files(path):
-            with pq.ParquetFile(file) as parquet:
+            # pre-buffering keeps the column chunks it read ahead: memory then grew with the
+            # file (+250 MB per 3M rows x 16 columns, measured); without it, batches stay flat
+            with pq.ParquetFile(file, pre_buffer=False) as parquet:
                 for batch in parquet.iter_batches(batch_size=batch_rows):
                     yield batch.to_pandas()
     else:
