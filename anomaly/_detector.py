@@ -611,11 +611,16 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
     def _score_rows(self, rows: np.ndarray) -> np.ndarray:
         """score_samples of validated float64 rows, in chunks to bound memory."""
         rule = self.scorer_.rule
-        x_raw = torch.tensor(rows, dtype=torch.float64)
-        normality = -self.scorer_.scores_in_chunks(x_raw, (rule,))[rule].numpy()
+        return -self._anomaly_by_rule(rows, (rule,))[rule]
+
+    def _anomaly_by_rule(self, rows: np.ndarray, rules: tuple[str, ...]
+                         ) -> dict[str, np.ndarray]:
+        """Anomaly scores of validated float64 rows under ``rules``, in chunks."""
+        by_rule = self.scorer_.scores_in_chunks(torch.tensor(rows, dtype=torch.float64), rules)
         # Overflow inside the networks (inputs near float64's limit) is the most anomalous
         # score there is, as in the exported graph; NaN would compare as an inlier.
-        return np.where(np.isnan(normality), -np.inf, normality)
+        return {rule: np.where(np.isnan(s.numpy()), np.inf, s.numpy())
+                for rule, s in by_rule.items()}
 
     def score_samples(self, X) -> np.ndarray:
         """Normality score, higher = more normal (the negative anomaly score).
@@ -660,10 +665,7 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
         if "energy" in rules and self.scorer_.energy is None:
             raise ValueError("the energy rule needs objective='triangle'; this model has no "
                              "critic")
-        by_rule = self.scorer_.scores_in_chunks(torch.from_numpy(rows), tuple(rules))
-        # a score that overflowed is the most anomalous there is, as in score_samples
-        return {rule: np.where(np.isnan(s.numpy()), np.inf, s.numpy())
-                for rule, s in by_rule.items()}
+        return self._anomaly_by_rule(rows, tuple(rules))
 
     def decision_function(self, X) -> np.ndarray:
         """``score_samples(X) - offset_``; negative values are outliers. Shape (n_samples,)."""
