@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import numbers
+import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from numbers import Integral, Real
 from pathlib import Path
 from typing import ClassVar
@@ -17,6 +18,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
+from anomaly._moments import ColumnMoments
 from anomaly._rules import outlier_labels
 from anomaly._validation import image_shape_tuple, validate_samples
 from training import (
@@ -30,11 +32,15 @@ from training import (
 )
 from training.checkpoint import Checkpointer
 from training.config import PRECISIONS, UPDATE_ORDERS
+from training.distributed import current_shard
 from training.loop import EpochCallback
 from training.sampling import inpaint_rows, sample_rows
 from training.scorer import CALIBRATION_ROWS, CHUNK_ROWS
+from training.streaming import SpilledRows
 
 MISSING_OPTIONS = ("error", "mask")
+# Beyond this many training rows, fit_stream sets offset_ from a seeded sample of their scores.
+OFFSET_ROWS = 1_000_000
 
 
 class _Interval(Interval):
@@ -85,6 +91,57 @@ def _column_std(X: np.ndarray, mean: np.ndarray) -> np.ndarray:
                       "values of these columns standardise to about 0; check them for unit "
                       "errors or sentinel values", UserWarning, stacklevel=4)
     return std
+
+
+def _image_scaling(low: float, high: float, n_features: int) -> tuple[np.ndarray, np.ndarray]:
+    """One range for all pixels keeps images images: (shift, scale) mapping [low, high] to
+    [-1, 1]."""
+    shift = np.full(n_features, (high + low) / 2)
+    scale = np.full(n_features, max((high - low) / 2, 1e-12))
+    return shift, scale
+
+
+def _column_scaling(mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """Each column's scale: its standard deviation, or 1 for a constant column."""
+    return np.where(std > 1e-12 * np.maximum(1.0, np.abs(mean)), std, 1.0)
+
+
+def _checkpoint_settings(checkpoint_dir, resume, checkpoint_every
+                         ) -> tuple[Path, bool, int] | None:
+    """``fit``'s checkpoint arguments checked, as (directory, resume, every) or None."""
+    if checkpoint_dir is None and resume:
+        raise ValueError("resume=True needs the checkpoint_dir to resume from")
+    if (not isinstance(checkpoint_every, numbers.Integral)
+            or isinstance(checkpoint_every, bool) or checkpoint_every < 1):
+        raise ValueError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}")
+    return (None if checkpoint_dir is None
+            else (Path(checkpoint_dir), bool(resume), int(checkpoint_every)))
+
+
+def _spill(batches: Iterable[np.ndarray], shift: np.ndarray, scale: np.ndarray, path: Path,
+           bank_index: np.ndarray | None):
+    """Write the preprocessed rows to ``path`` as float32 and return (the raw rows at the
+    sorted ``bank_index``, or all rows when it is None; a sha256 of what was written)."""
+    digest = hashlib.sha256()
+    bank, done = [], 0
+    with open(path, "wb") as file:
+        for batch in batches:
+            preprocessed = ((batch - shift) / scale).astype(np.float32)
+            preprocessed.tofile(file)
+            digest.update(preprocessed.tobytes())
+            if bank_index is None:
+                bank.append(batch)
+            else:
+                lo, hi = np.searchsorted(bank_index, [done, done + len(batch)])
+                bank.append(batch[bank_index[lo:hi] - done])
+            done += len(batch)
+    return np.concatenate(bank), digest
+
+
+def _bank_rows(n_rows: int, seed: int) -> np.ndarray:
+    """The sorted indices of the ``BANK_ROWS`` training rows kept for the score rules
+    (drawn without a permutation of all rows, so that memory does not grow with them)."""
+    return np.sort(np.random.default_rng(seed).choice(n_rows, BANK_ROWS, replace=False))
 
 
 class LatentEBMDetector(OutlierMixin, BaseEstimator):
@@ -344,10 +401,20 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
             raise ValueError("score_rule='energy' needs objective='triangle': "
                              "the VAE has no energy")
 
-    def _fingerprint(self, data: torch.Tensor) -> str:
-        """sha256 of the preprocessed training data and of the parameters that shape
-        training: a checkpoint is only resumed by the fit that wrote it."""
-        digest = hashlib.sha256(data.detach().cpu().contiguous().numpy().tobytes())
+    def _check_group(self) -> None:
+        """In a torch.distributed group every process must draw the same rows and noise."""
+        shard = current_shard()
+        if shard is not None and not isinstance(self.random_state, numbers.Integral):
+            raise ValueError("fitting in a torch.distributed group of "
+                             f"{shard.world_size} processes needs random_state set to the "
+                             "same int in every process, so that all draw the same rows and "
+                             f"noise; got random_state={self.random_state!r}")
+
+    def _fingerprint(self, digest) -> str:
+        """sha256 of the preprocessed training data (``digest``, a sha256 object fed with
+        them) and of the parameters that shape training: a checkpoint is only resumed by the
+        fit that wrote it."""
+        digest = digest.copy()
         params = {k: v for k, v in self.get_params().items() if k not in ("verbose", "device")}
         digest.update(repr(sorted((k, v if isinstance(v, (str, int, float, tuple, type(None)))
                                    else type(v).__name__) for k, v in params.items())).encode())
@@ -413,29 +480,159 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
         -------
         self : LatentEBMDetector
         """
+        checkpoint = _checkpoint_settings(checkpoint_dir, resume, checkpoint_every)
+        return self._keeping_state_on_failure(lambda: self._fit(X, callbacks, checkpoint))
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit_stream(self, batches: Callable[[], Iterable], *,
+                   callbacks: Sequence[EpochCallback] = (),
+                   checkpoint_dir: str | Path | None = None, resume: bool = False,
+                   checkpoint_every: int = 1, spill_dir: str | Path | None = None):
+        """Fit on rows read in batches, for data larger than memory.
+
+        Three passes over ``batches``: the preprocessing statistics (one streaming pass,
+        equal to :meth:`fit`'s up to float64 rounding), a preprocessed float32 copy of the
+        rows written to disk and read back a window at a time to train (memory does not grow
+        with the rows), and the training rows' scores for ``offset_`` (a seeded sample of
+        ``OFFSET_ROWS`` of them beyond that many). The bank of training codes is the same
+        seeded subset :meth:`fit` keeps. When all rows fit in one read window (64 MiB of
+        float32), the epochs visit them in :meth:`fit`'s order, and the fitted model is
+        :meth:`fit`'s on the stacked batches; beyond, minibatches mix rows within shuffled
+        windows of shuffled blocks.
+
+        Parameters
+        ----------
+        batches : callable
+            Called with no argument, returns an iterable of 2-D batches of rows (arrays or
+            DataFrames with the same columns), the same rows in the same order at each call,
+            e.g. ``lambda: serving.data_files.iter_row_batches(path, 65536)``. Images come
+            as flat rows, with ``image_shape`` set. Missing values (``missing="mask"``) and
+            ``calibration`` need :meth:`fit`; calibrate afterwards with :meth:`calibrate`.
+        callbacks, checkpoint_dir, resume, checkpoint_every
+            As in :meth:`fit`.
+        spill_dir : path-like, optional
+            Directory for the float32 copy of the rows (4 bytes per value, deleted at the
+            end); a temporary directory by default.
+
+        Returns
+        -------
+        self : LatentEBMDetector
+        """
+        checkpoint = _checkpoint_settings(checkpoint_dir, resume, checkpoint_every)
+        if not callable(batches):
+            raise TypeError("batches must be a callable that returns an iterable of batches "
+                            f"of rows (it is read three times), got {type(batches).__name__}")
+        return self._keeping_state_on_failure(
+            lambda: self._fit_stream(batches, callbacks, checkpoint, spill_dir))
+
+    def _keeping_state_on_failure(self, fit: Callable[[], LatentEBMDetector]):
+        """Run ``fit``; if it fails, leave the estimator as it was: the previous model, or
+        unfitted."""
         fitted_state = {k: v for k, v in vars(self).items()
                         if k.endswith("_") or k.startswith("_")}
-        if checkpoint_dir is None and resume:
-            raise ValueError("resume=True needs the checkpoint_dir to resume from")
-        if (not isinstance(checkpoint_every, numbers.Integral)
-                or isinstance(checkpoint_every, bool) or checkpoint_every < 1):
-            raise ValueError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}")
-        checkpoint = (None if checkpoint_dir is None
-                      else (Path(checkpoint_dir), bool(resume), int(checkpoint_every)))
         try:
-            return self._fit(X, callbacks, checkpoint)
+            return fit()
         except BaseException:
-            # A failed (re)fit leaves the estimator as it was: the previous model, or unfitted.
             for name in [k for k in vars(self) if k.endswith("_") or k.startswith("_")]:
                 delattr(self, name)
             vars(self).update(fitted_state)
             raise
 
+    def _fit_stream(self, batches: Callable[[], Iterable], callbacks: Sequence[EpochCallback],
+                    checkpoint: tuple[Path, bool, int] | None, spill_dir) -> LatentEBMDetector:
+        self._check_params()
+        self._check_group()
+        resolve_device(self.device)
+        self._train_config()
+        if self.missing == "mask":
+            raise ValueError("fit_stream does not learn with missing entries; use fit with "
+                             "missing='mask' on data that fits in memory")
+        if self.calibration is not None:
+            raise ValueError("fit_stream holds out no calibration rows; fit with "
+                             "calibration=None and call calibrate(X_normal) after")
+
+        def validated_batches() -> Iterator[np.ndarray]:
+            for batch in batches():
+                if np.ndim(batch) != 2:
+                    raise ValueError("fit_stream takes 2-D batches of rows; pass images as "
+                                     "flat rows with image_shape set")
+                if len(batch):
+                    yield validate_samples(self, batch, reset=False)[0]
+
+        moments = ColumnMoments()
+        first = True
+        for batch in batches():
+            if first and len(batch):
+                # the first batch sets n_features_in_ (and feature_names_in_ for a frame)
+                moments.update(validate_samples(self, batch, reset=True)[0])
+                first = False
+            elif not first:
+                moments.update(validate_samples(self, batch, reset=False)[0])
+        if moments.n_rows == 0:
+            raise ValueError("batches gave no rows to fit on")
+        if moments.n_rows < 2:
+            raise ValueError("fit_stream needs at least 2 rows")
+        n_features = self.n_features_in_
+        input_shape = self._stream_input_shape(n_features)
+        network_config = self._network_config(input_shape)
+        self.score_rule_ = self._resolve_score_rule(network_config.is_image)
+        self._sample_shape = (n_features,)
+        self.input_shape_ = input_shape
+        if network_config.is_image:
+            shift, scale = _image_scaling(float(moments.low.min()), float(moments.high.max()),
+                                          n_features)
+        else:
+            if not np.all(np.isfinite(moments.std)):
+                raise ValueError("a column's values are too large to standardise in a "
+                                 "streaming pass (squares overflow float64); rescale it")
+            scale = _column_scaling(moments.mean, moments.std)
+            shift = moments.mean
+        self.training_mean_ = moments.mean
+
+        seed = _torch_seed(self.random_state)
+        n_rows = moments.n_rows
+        bank_index = None if n_rows <= BANK_ROWS else _bank_rows(n_rows, seed)
+        with tempfile.TemporaryDirectory(dir=spill_dir, prefix="divtri-spill-") as directory:
+            path = Path(directory) / "rows.f32"
+            bank, digest = _spill(validated_batches(), shift, scale, path, bank_index)
+            rows = SpilledRows(path, n_rows, input_shape)
+            fingerprint = None if checkpoint is None else self._fingerprint(digest)
+            self._train(network_config, rows, shift, scale, seed, callbacks, checkpoint,
+                        fingerprint)
+        self.scorer_.calibrate(torch.from_numpy(bank))
+        self._set_offset(self._sampled_training_scores(validated_batches(), n_rows, seed))
+        return self
+
+    def _stream_input_shape(self, n_features: int) -> tuple[int, ...]:
+        if self.image_shape is None:
+            return (n_features,)
+        input_shape = image_shape_tuple(self.image_shape)
+        if int(np.prod(input_shape)) != n_features:
+            raise ValueError(f"image_shape {tuple(self.image_shape)} holds "
+                             f"{int(np.prod(input_shape))} values, but the rows have "
+                             f"{n_features} features")
+        return input_shape
+
+    def _sampled_training_scores(self, batches: Iterable[np.ndarray], n_rows: int,
+                                 seed: int) -> np.ndarray:
+        """score_samples of every training row, or of a seeded Bernoulli sample of about
+        ``OFFSET_ROWS`` of them when there are more, so that memory stays bounded."""
+        keep = min(1.0, OFFSET_ROWS / n_rows)
+        rng = np.random.RandomState(seed)
+        scores = []
+        for batch in batches:
+            if keep < 1.0:
+                batch = batch[rng.random_sample(len(batch)) < keep]
+            scores.append(self._score_rows(batch))
+        return np.concatenate(scores)
+
     def _fit(self, X, callbacks: Sequence[EpochCallback],
              checkpoint: tuple[Path, bool, int] | None):
         self._check_params()
-        device = resolve_device(self.device)
-        train_config = self._train_config()
+        self._check_group()
+        # an absent device and settings that exclude each other fail before any work
+        resolve_device(self.device)
+        self._train_config()
         X, sample_shape = validate_samples(self, X, reset=True,
                                            allow_nan=self.missing == "mask")
         X_calibration = None
@@ -471,13 +668,10 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
         missing = np.isnan(X)
         has_missing = bool(missing.any())
         if network_config.is_image:
-            # One range for all pixels keeps images images; it maps the data to [-1, 1].
-            low, high = float(np.nanmin(X)), float(np.nanmax(X))
-            shift = np.full(X.shape[1], (high + low) / 2)
-            scale = np.full(X.shape[1], max((high - low) / 2, 1e-12))
             with warnings.catch_warnings():  # a pixel never observed: "mean of empty slice"
                 warnings.simplefilter("ignore", RuntimeWarning)
                 mean = np.nanmean(X, axis=0) if has_missing else X.mean(axis=0)
+            shift, scale = _image_scaling(float(np.nanmin(X)), float(np.nanmax(X)), X.shape[1])
             # a pixel never observed starts at the middle of the range, 0 in model space
             self.training_mean_ = np.where(np.isnan(mean), shift, mean)
         else:
@@ -487,57 +681,72 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
                                  "value (all NaN): nothing can be learnt about them; drop "
                                  "them")
             shift = np.nanmean(X, axis=0) if has_missing else X.mean(axis=0)
-            std = _column_std(X, shift)
-            scale = np.where(std > 1e-12 * np.maximum(1.0, np.abs(shift)), std, 1.0)
+            scale = _column_scaling(shift, _column_std(X, shift))
             self.training_mean_ = shift
 
         seed = _torch_seed(self.random_state)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            networks = build_networks(network_config, with_energy=self.objective == "triangle")
-        networks.to(device)
-        data = torch.as_tensor((X - shift) / scale, dtype=torch.float32, device=device)
+        data = torch.as_tensor((X - shift) / scale, dtype=torch.float32,
+                               device=resolve_device(self.device))
         data = data.reshape(-1, *input_shape)
         # Missing entries start at the training mean (0 here); training refills them.
         observed = ~torch.isnan(data) if has_missing else None
-        fingerprint_data = data
+        fingerprint = None if checkpoint is None else self._fingerprint(
+            hashlib.sha256(data.detach().cpu().contiguous().numpy().tobytes()))
         if observed is not None:
             data = torch.nan_to_num(data, nan=0.0)
-        generator = torch.Generator(device=device).manual_seed(seed)
-        checkpointer = None
-        if checkpoint is not None:
-            directory, resume, every = checkpoint
-            checkpointer = Checkpointer(directory, self._fingerprint(fingerprint_data), every,
-                                        resume)
-        history = train_networks(networks, data, train_config, generator=generator,
-                                 callbacks=callbacks, verbose=int(self.verbose),
-                                 checkpointer=checkpointer, observed=observed)
-        networks.freeze_spectral_norm()
-        networks.to("cpu", torch.float64)
-        self.scorer_ = AnomalyScorer(
-            networks, torch.from_numpy(shift), torch.from_numpy(scale), input_shape,
-            self.score_rule_, train_config.decoder_sigma,
-            allows_missing=self.missing == "mask").eval()
-        self.training_history_ = history.epochs
-        self.n_rollbacks_ = history.rollbacks
+        self._train(network_config, data, shift, scale, seed, callbacks, checkpoint,
+                    fingerprint, observed)
 
-        bank = X if len(X) <= BANK_ROWS else X[np.sort(
-            np.random.RandomState(seed).choice(len(X), BANK_ROWS, replace=False))]
+        bank = X if len(X) <= BANK_ROWS else X[_bank_rows(len(X), seed)]
         self.scorer_.calibrate(torch.tensor(bank))  # a copy: X may be a read-only view
         if self.scorer_.allows_missing:
             self.scorer_.calibrate_missing_rates(torch.tensor(bank), seed)
         # Training rows are scored as predict() will score them (a row in the bank is its own
         # nearest code), so that predict(X) flags the `contamination` fraction of them, as
         # scikit-learn's contract says; unseen rows score a little more anomalous.
-        train_scores = self._score_rows(X)
+        self._set_offset(self._score_rows(X))
+        if X_calibration is not None:
+            self._calibrate_rows(X_calibration)
+        return self
+
+    def _train(self, network_config: NetworkConfig, data, shift: np.ndarray,
+               scale: np.ndarray, seed: int, callbacks: Sequence[EpochCallback],
+               checkpoint: tuple[Path, bool, int] | None, fingerprint: str | None,
+               observed: torch.Tensor | None = None) -> None:
+        """Build and train the networks on preprocessed ``data`` (a tensor on the device or
+        :class:`training.streaming.SpilledRows`), then set ``scorer_`` (not yet calibrated)
+        and the training history."""
+        device = resolve_device(self.device)
+        train_config = self._train_config()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            networks = build_networks(network_config, with_energy=self.objective == "triangle")
+        networks.to(device)
+        generator = torch.Generator(device=device).manual_seed(seed)
+        checkpointer = None
+        if checkpoint is not None:
+            directory, resume, every = checkpoint
+            checkpointer = Checkpointer(directory, fingerprint, every, resume)
+        history = train_networks(networks, data, train_config, generator=generator,
+                                 callbacks=callbacks, verbose=int(self.verbose),
+                                 checkpointer=checkpointer, observed=observed,
+                                 shard=current_shard())
+        networks.freeze_spectral_norm()
+        networks.to("cpu", torch.float64)
+        self.scorer_ = AnomalyScorer(
+            networks, torch.from_numpy(shift), torch.from_numpy(scale), self.input_shape_,
+            self.score_rule_, train_config.decoder_sigma,
+            allows_missing=self.missing == "mask").eval()
+        self.training_history_ = history.epochs
+        self.n_rollbacks_ = history.rollbacks
+
+    def _set_offset(self, train_scores: np.ndarray) -> None:
+        """``offset_`` from the training rows' scores (see ``contamination``)."""
         if self.contamination == "auto":
             q1, q3 = np.percentile(train_scores, [25.0, 75.0])
             self.offset_ = float(q1 - 1.5 * (q3 - q1))
         else:
             self.offset_ = float(np.percentile(train_scores, 100.0 * self.contamination))
-        if X_calibration is not None:
-            self._calibrate_rows(X_calibration)
-        return self
 
     # ------------------------------------------------------------------ calibration
     def calibrate(self, X):

@@ -135,6 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
                           "model) to this MLflow experiment")
     fit.add_argument("--register", default=None,
                      help="also register the logged model under this name")
+    fit.add_argument("--stream", action="store_true",
+                     help="read DATA in batches and train from a float32 copy on disk, so "
+                          "that memory does not grow with the rows (no --missing mask, no "
+                          "--calibration)")
+    fit.add_argument("--spill-dir", type=Path, default=None,
+                     help="with --stream: directory for the float32 copy (default: a "
+                          "temporary directory)")
 
     export = commands.add_parser("export", help="export a saved detector to ONNX")
     export.add_argument("model", type=Path, help="directory written by detector.save()")
@@ -206,7 +213,8 @@ def _run_command(args: argparse.Namespace) -> int:
         detector = fit_command(args.data, args.out, _fit_params(args),
                                drop_columns=args.drop_columns,
                                checkpoint_dir=args.checkpoint_dir, resume=args.resume,
-                               mlflow_experiment=args.mlflow_experiment, register=args.register)
+                               mlflow_experiment=args.mlflow_experiment, register=args.register,
+                               stream=args.stream, spill_dir=args.spill_dir)
         print(f"fitted on {detector.n_features_in_} features, "
               f"{len(detector.training_history_)} epochs -> {args.out}")
         return 0

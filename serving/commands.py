@@ -11,30 +11,45 @@ from serving.data_files import iter_row_batches, read_rows
 
 def fit_command(data: Path, out: Path, params: dict, *, drop_columns=(),
                 checkpoint_dir: Path | None = None, resume: bool = False,
-                mlflow_experiment: str | None = None, register: str | None = None):
+                mlflow_experiment: str | None = None, register: str | None = None,
+                stream: bool = False, spill_dir: Path | None = None):
     """Fit a detector with ``params`` on the samples in ``data`` (read as ``divtri score``
     reads them) and save it to ``out``; with ``mlflow_experiment``, inside an MLflow run
     (parameters, per-epoch metrics, the ONNX-backed model, registered as ``register``).
-    ``drop_columns`` are left out of a table (ids, labels). Returns the fitted detector."""
+    ``drop_columns`` are left out of a table (ids, labels). With ``stream``, the file is
+    read in batches (``fit_stream``: memory does not grow with its rows), the preprocessed
+    copy of the rows going to ``spill_dir``. Under ``torchrun`` the processes train as one
+    data-parallel group and rank 0 alone logs and saves. Returns the fitted detector."""
     from anomaly import LatentEBMDetector
+    from training.distributed import init_from_environment
 
     if register is not None and mlflow_experiment is None:
         raise ValueError("--register needs --mlflow-experiment")
-    rows = read_rows(data)
-    if drop_columns:
-        if not hasattr(rows, "drop"):
-            raise ValueError(f"--drop-columns needs a CSV or parquet file with column names; "
-                             f"{data} has none")
-        missing = [c for c in drop_columns if c not in rows.columns]
-        if missing:
-            raise ValueError(f"--drop-columns {missing} are not columns of {data}: "
-                             f"{[str(c) for c in rows.columns]}")
-        rows = rows.drop(columns=list(drop_columns))
+    shard = init_from_environment(str(params.get("device", "auto")))
+    if shard is not None:
+        params = dict(params)
+        if params.get("random_state") is None:
+            params["random_state"] = shard.shared_seed()
+        if not shard.is_main:
+            params["verbose"] = 0
+            mlflow_experiment = register = None
+    if stream:
+        def rows():
+            for batch in iter_row_batches(data, SCORE_BATCH_ROWS):
+                yield _without_columns(batch, drop_columns, data)
+        source = {"batches": rows}
+    else:
+        source = {"X": _without_columns(read_rows(data), drop_columns, data)}
     detector = LatentEBMDetector(**params)
     fit_params = {} if checkpoint_dir is None else {"checkpoint_dir": checkpoint_dir,
                                                     "resume": resume}
+    if stream and spill_dir is not None:
+        fit_params["spill_dir"] = spill_dir
     if mlflow_experiment is None:
-        detector.fit(rows, **fit_params)
+        if stream:
+            detector.fit_stream(source["batches"], **fit_params)
+        else:
+            detector.fit(source["X"], **fit_params)
     else:
         import mlflow
 
@@ -43,9 +58,28 @@ def fit_command(data: Path, out: Path, params: dict, *, drop_columns=(),
         mlflow.set_experiment(mlflow_experiment)
         with mlflow.start_run(run_name=f"fit {Path(data).name}"):
             mlflow.log_param("data", str(data))
-            fit_logged(detector, rows, registered_model_name=register, **fit_params)
-    detector.save(out)
+            fit_logged(detector, source.get("X"), batches=source.get("batches"),
+                       registered_model_name=register, **fit_params)
+    if shard is None or shard.is_main:
+        detector.save(out)
+    if shard is not None:
+        shard.barrier()  # the model is saved before any process reports success
+        shard.close()
     return detector
+
+
+def _without_columns(rows, drop_columns, data: Path):
+    """``rows`` without the named columns (ids, labels), which must be there."""
+    if not drop_columns:
+        return rows
+    if not hasattr(rows, "drop"):
+        raise ValueError(f"--drop-columns needs a CSV or parquet file with column names; "
+                         f"{data} has none")
+    missing = [c for c in drop_columns if c not in rows.columns]
+    if missing:
+        raise ValueError(f"--drop-columns {missing} are not columns of {data}: "
+                         f"{[str(c) for c in rows.columns]}")
+    return rows.drop(columns=list(drop_columns))
 
 
 def export_command(model_dir: Path, out: Path, graph: str = "scorer") -> Path:

@@ -160,17 +160,21 @@ def load_model(model_uri: str):
 
 
 def fit_logged(detector, X, *, run_name: str | None = None, model_name: str = "detector",
-               registered_model_name: str | None = None, **fit_params):
+               registered_model_name: str | None = None, batches=None, **fit_params):
     """Fit ``detector`` inside an MLflow run: parameters, per-epoch metrics and the model.
 
     Uses the active run if there is one; ``fit_params`` go to ``fit`` (e.g.
-    ``checkpoint_dir``). Returns ``(detector, model_info)``.
+    ``checkpoint_dir``). With ``batches`` (and ``X=None``) the fit is
+    ``fit_stream(batches)``. Returns ``(detector, model_info)``.
     """
     active = mlflow.active_run()
     context = mlflow.start_run(run_name=run_name) if active is None else contextlib.nullcontext()
     with context:
         mlflow.log_params({k: str(v) for k, v in detector.get_params().items()})
-        detector.fit(X, callbacks=[MlflowEpochLogger()], **fit_params)
+        if batches is None:
+            detector.fit(X, callbacks=[MlflowEpochLogger()], **fit_params)
+        else:
+            detector.fit_stream(batches, callbacks=[MlflowEpochLogger()], **fit_params)
         mlflow.log_metric("n_rollbacks", detector.n_rollbacks_)
         info = log_model(detector, model_name, registered_model_name=registered_model_name)
     return detector, info

@@ -6,7 +6,7 @@ import copy
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -17,7 +17,9 @@ from tqdm.auto import tqdm
 from training import objectives
 from training.checkpoint import Checkpointer
 from training.config import TrainConfig
+from training.distributed import Replicas, Shard, ShardedNoise, unwrapped
 from training.networks import Networks
+from training.streaming import SpilledRows
 
 logger = logging.getLogger(__name__)
 
@@ -92,11 +94,22 @@ class Pairs:
     observed: torch.Tensor | None = None  # like x, bool: entries seen (None: all)
 
 
-def _reparameterise(mu: torch.Tensor, logvar: torch.Tensor,
-                    generator: torch.Generator | None) -> torch.Tensor:
+Noise = torch.Generator | ShardedNoise | None
+
+
+def _normal(generator: Noise, like: torch.Tensor, share: float = 1.0) -> torch.Tensor:
+    """``(ceil(share * rows of like), like.shape[1])`` N(0, 1) draws; under data parallelism
+    (a :class:`ShardedNoise`) this rank's part of the draw for the global minibatch."""
+    if isinstance(generator, ShardedNoise):
+        return generator.normal(like, share)
+    rows = max(1, math.ceil(share * like.shape[0]))
+    return torch.randn((rows, like.shape[1]), generator=generator, device=like.device,
+                       dtype=like.dtype)
+
+
+def _reparameterise(mu: torch.Tensor, logvar: torch.Tensor, generator: Noise) -> torch.Tensor:
     """z = mu + sigma * eps, differentiable in mu and logvar."""
-    eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
-    return mu + torch.exp(0.5 * logvar) * eps
+    return mu + torch.exp(0.5 * logvar) * _normal(generator, mu)
 
 
 def _update_encoder_and_generator(networks: Networks, optimizers: Optimizers,
@@ -112,18 +125,16 @@ def _update_encoder_and_generator(networks: Networks, optimizers: Optimizers,
     optimizers.generator.step()
 
 
-def draw_pairs(networks: Networks, x: torch.Tensor,
-               generator: torch.Generator | None = None,
+def draw_pairs(networks: Networks | Replicas, x: torch.Tensor,
+               generator: Noise = None,
                config: TrainConfig | None = None,
                observed: torch.Tensor | None = None) -> Pairs:
     n = x.shape[0]
     mu, logvar = networks.encoder(x)
     z_q = _reparameterise(mu, logvar, generator)
-    n_model = n if config is None else max(1, math.ceil(config.model_pairs_fraction * n))
-    z_p = torch.randn((n_model, mu.shape[1]), generator=generator, device=mu.device,
-                      dtype=mu.dtype)
+    z_p = _normal(generator, mu, 1.0 if config is None else config.model_pairs_fraction)
     # One generator call for both latents: fewer, larger kernels.
-    x_rec, x_p = networks.generator(torch.cat([z_q, z_p])).split([n, n_model])
+    x_rec, x_p = networks.generator(torch.cat([z_q, z_p])).split([n, z_p.shape[0]])
     weights = None if config is None else objectives.trimming_weights(
         x, x_rec, config.decoder_sigma, config.trim_fraction, observed)
     return Pairs(mu, logvar, z_q, z_p, x_rec, x_p, weights, observed)
@@ -144,6 +155,8 @@ def _energies(energy: nn.Module, x: torch.Tensor, pairs: Pairs,
         energies = energy(torch.cat([x, pairs.x_p.detach()]),
                           torch.cat([pairs.z_q.detach(), pairs.z_p]))
         return energies[:n], energies[n:]
+    # The network's own methods, outside any DDP wrapper: this pass never moves the critic.
+    energy = unwrapped(energy)
     with parametrize.cached():
         with torch.no_grad():
             h_data = energy.x_branch(x)
@@ -169,7 +182,7 @@ def extra_negatives(networks: Networks, x: torch.Tensor, pairs: Pairs, kinds: Se
             zs.append(pairs.z_q.detach().roll(1, dims=0))
         if "wide" in kinds:
             z_wide = WIDE_PRIOR_SCALE * pairs.z_p
-            xs.append(networks.generator(z_wide))
+            xs.append(unwrapped(networks.generator)(z_wide))
             zs.append(z_wide)
     return (torch.cat(xs), torch.cat(zs)) if xs else None
 
@@ -180,7 +193,9 @@ def _critic_loss(networks: Networks, x: torch.Tensor, pairs: Pairs, energy_data:
     of ``config.critic_negatives`` added to the model side (one mean over all of them)."""
     extra = extra_negatives(networks, x, pairs, config.critic_negatives)
     if extra is not None:
-        energy_model = torch.cat([energy_model, networks.energy(*extra)])
+        # a second call of a DDP wrapper before its backward pass is an error; the gradient
+        # of this call joins the first one's in the parameters all the same
+        energy_model = torch.cat([energy_model, unwrapped(networks.energy)(*extra)])
     return objectives.ebm_loss(energy_data, energy_model, pairs.weights)
 
 
@@ -355,12 +370,19 @@ class _TrainingState:
     optimizers: Optimizers
     schedulers: list
     step: Callable
-    data: torch.Tensor
+    data: torch.Tensor | SpilledRows
     config: TrainConfig
     generator: torch.Generator | None
     history: TrainingHistory
     observed: torch.Tensor | None = None
     checkpointer: Checkpointer | None = None
+    shard: Shard | None = None
+    # what the step calls: ``networks`` itself, or its DDP replicas under data parallelism
+    replicas: Networks | Replicas | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.shard is None or self.shard.is_main
 
     def snapshot(self) -> _Snapshot:
         return _Snapshot(
@@ -426,39 +448,71 @@ def fill_missing(networks: Networks, data: torch.Tensor, observed: torch.Tensor,
         data[index] = torch.where(keep, x, x_hat)
 
 
+def _global_minibatches(state: _TrainingState, batch_rows: int
+                        ) -> Iterator[tuple[torch.Tensor | None, torch.Tensor]]:
+    """One epoch's global minibatches as ``(index, rows)``: ``index`` into ``state.data``
+    (None for rows read from disk, which are given whole) and a function of it."""
+    data = state.data
+    if isinstance(data, SpilledRows):
+        for rows in data.minibatches(batch_rows, state.generator):
+            yield None, rows
+        return
+    order = torch.randperm(data.shape[0], generator=state.generator, device=data.device)
+    for start in range(0, data.shape[0], batch_rows):
+        yield order[start:start + batch_rows], None
+
+
 def _run_epoch(state: _TrainingState, deadline: float | None) -> dict[str, float] | None:
     """One pass over ``state.data`` in a random order, cut short after the minibatch that
     crosses ``deadline`` (a ``time.perf_counter`` value); None as soon as a loss is not
-    finite. ``batches_fraction`` in the result says how much of the epoch ran. With
-    ``state.observed``, the missing entries of each minibatch are filled anew after its step
-    (:func:`fill_missing`)."""
-    step, networks, optimizers, config, generator = (
-        state.step, state.networks, state.optimizers, state.config, state.generator)
-    data, observed = state.data, state.observed
-    n = data.shape[0]
-    order = torch.randperm(n, generator=generator, device=data.device)
+    finite. ``batches_fraction`` in the result says how much of the epoch ran (the fraction
+    of its rows). With ``state.observed``, the missing entries of each minibatch are filled
+    anew after its step (:func:`fill_missing`).
+
+    Under data parallelism (``state.shard``) a minibatch is global: ``world_size`` times the
+    batch size, each rank stepping on its part of it, and the ranks agree after every step on
+    whether to go on (a loss not finite or the deadline on any rank ends the epoch on all).
+    """
+    step, networks, optimizers, config = (
+        state.step, state.replicas or state.networks, state.optimizers, state.config)
+    data, observed, shard = state.data, state.observed, state.shard
+    noise = state.generator if shard is None else ShardedNoise(state.generator, shard)
+    batch_rows = config.batch_size * (1 if shard is None else shard.world_size)
     totals: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
-    n_batches = 0
-    starts = range(0, n, config.batch_size)
-    for start in starts:
-        index = order[start:start + config.batch_size]
+    rows_done = 0
+    for batch, rows in _global_minibatches(state, batch_rows):
+        size = len(batch if rows is None else rows)
+        part = batch if rows is None else rows
+        if shard is not None:
+            if size < shard.world_size:  # a remainder too small to give every rank a row
+                break
+            noise.begin(size)
+            part = shard.part(part)
+        x = data[part] if rows is None else part.to(
+            next(state.networks.parameters()).device, memory_format=_layout(networks))
         if observed is None:
-            metrics = step(networks, optimizers, data[index], config, generator)
+            metrics = step(networks, optimizers, x, config, noise)
         else:
-            metrics = step(networks, optimizers, data[index], config, generator,
-                           observed[index])
-            fill_missing(networks, data, observed, index)
-        if not all(torch.isfinite(v) for v in metrics.values()):
+            metrics = step(networks, optimizers, x, config, noise, observed[part])
+            # every rank refills the whole global minibatch (the same rows, the same model),
+            # so that each rank's copy of the data holds the fill whichever rank next reads it
+            fill_missing(state.networks, data, observed, batch)
+        finite = all(torch.isfinite(v) for v in metrics.values())
+        late = deadline is not None and time.perf_counter() > deadline
+        if shard is not None:
+            failed, late = shard.agree(not finite, late)
+            finite = not failed
+        if not finite:
             return None
         for key, value in metrics.items():
             totals[key] = totals.get(key, 0.0) + value
             counts[key] = counts.get(key, 0) + 1
-        n_batches += 1
-        if deadline is not None and time.perf_counter() > deadline:
+        rows_done += size
+        if late:
             break
     out = {key: float(value) / counts[key] for key, value in totals.items()}
-    out["batches_fraction"] = n_batches / len(starts)
+    out["batches_fraction"] = rows_done / data.shape[0]
     return out
 
 
@@ -466,15 +520,25 @@ def use_training_layout(networks: Networks, data: torch.Tensor) -> torch.Tensor:
     """Switch the networks to the faster memory layout for training on ``data`` and return
     ``data`` in it: channels-last for images on CPU (oneDNN's preferred layout; measured +6%
     for the triangle step on 28x28, the VAE unchanged), unchanged otherwise."""
-    if data.ndim != 4 or data.device.type != "cpu":
+    if len(data.shape) != 4 or data.device.type != "cpu":
         return data
     networks.to(memory_format=torch.channels_last)
+    if isinstance(data, SpilledRows):  # each minibatch is laid out as it is read
+        return data
     return data.contiguous(memory_format=torch.channels_last)
+
+
+def _layout(networks: Networks | Replicas) -> torch.memory_format:
+    """The memory format minibatches read from disk take: the networks' training layout."""
+    weight = next(unwrapped(networks.encoder).parameters())
+    if weight.ndim == 4 and weight.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 def train_networks(
     networks: Networks,
-    data: torch.Tensor,
+    data: torch.Tensor | SpilledRows,
     config: TrainConfig,
     *,
     generator: torch.Generator | None = None,
@@ -482,8 +546,11 @@ def train_networks(
     verbose: int = 0,
     checkpointer: Checkpointer | None = None,
     observed: torch.Tensor | None = None,
+    shard: Shard | None = None,
 ) -> TrainingHistory:
-    """Train ``networks`` in place on preprocessed ``data`` ``(n, ...)`` (already on the device).
+    """Train ``networks`` in place on preprocessed ``data`` ``(n, ...)``: a tensor already on
+    the device, or :class:`training.streaming.SpilledRows` read from disk a window at a time
+    (each minibatch is moved to the networks' device; missing entries are not supported).
 
     ``observed`` (bool, shape of ``data``) marks the entries that were seen: the losses'
     reconstruction terms count those only, and the others, which ``data`` must hold finite
@@ -498,20 +565,34 @@ def train_networks(
     With ``checkpointer``, the whole training state is written every ``checkpointer.every``
     epochs, and a fit asked to resume continues from the last checkpoint: on the same device
     it then ends with the same networks as a fit that was never interrupted.
+
+    With ``shard`` (this process's place in a ``torch.distributed`` group, see
+    :mod:`training.distributed`), every rank calls this on the same ``data`` and ``generator``
+    state; ``config.batch_size`` is each rank's part of a global minibatch of
+    ``world_size * batch_size`` rows, gradients are averaged over the ranks by
+    ``DistributedDataParallel``, and all ranks end with the same networks. Rank 0 alone
+    writes checkpoints, shows progress and calls ``callbacks``. A ``trim_fraction`` trims
+    each rank's part of the minibatch.
     """
     if (config.objective == "triangle") != (networks.energy is not None):
         raise ValueError("the triangle objective needs an energy network; the VAE has none")
+    if isinstance(data, SpilledRows) and observed is not None:
+        raise ValueError("rows read from disk cannot have missing entries refilled")
     step = select_step(config)
     data = use_training_layout(networks, data)
     if observed is not None:
         observed = observed.reshape(data.shape)
+    if shard is not None and data.shape[0] < shard.world_size:
+        raise ValueError(f"{data.shape[0]} training rows cannot be shared among "
+                         f"{shard.world_size} processes")
     optimizers = Optimizers.create(networks, config)
     state = _TrainingState(
         networks=networks, optimizers=optimizers,
         schedulers=[torch.optim.lr_scheduler.ExponentialLR(o, config.lr_decay)
                     for o in optimizers.all()],
         step=step, data=data, config=config, generator=generator, history=TrainingHistory(),
-        observed=observed, checkpointer=checkpointer)
+        observed=observed, checkpointer=checkpointer, shard=shard,
+        replicas=None if shard is None else Replicas.wrap(networks))
     resumed = checkpointer.load() if checkpointer is not None else None
     if resumed is not None:
         state.resume(resumed)
@@ -520,6 +601,8 @@ def train_networks(
     try:
         _train_epochs(state, callbacks, verbose)
     finally:
+        # The DDP wrappers' gradient hooks go with them; the networks stay.
+        state.replicas = None
         # Fitted models keep the default layout: it is what save, export and scoring expect.
         networks.to(memory_format=torch.contiguous_format)
         networks.train(False)
@@ -534,7 +617,7 @@ def _train_epochs(state: _TrainingState, callbacks: Sequence[EpochCallback],
     good = state.snapshot()
     epoch = len(history.epochs)  # > 0 when resuming
     progress = tqdm(total=config.epochs, initial=epoch, desc=f"training ({config.objective})",
-                    disable=verbose == 0, leave=False)
+                    disable=verbose == 0 or not state.is_main, leave=False)
     deadline = (None if config.max_training_seconds is None
                 else time.perf_counter() + config.max_training_seconds)
     while epoch < config.epochs:
@@ -565,17 +648,20 @@ def _train_epochs(state: _TrainingState, callbacks: Sequence[EpochCallback],
         metrics["epoch"] = epoch + 1
         history.epochs.append(metrics)
         good = state.snapshot()
-        if state.checkpointer is not None and ((epoch + 1) % state.checkpointer.every == 0
-                                               or epoch + 1 == config.epochs):
+        if state.is_main and state.checkpointer is not None and (
+                (epoch + 1) % state.checkpointer.every == 0 or epoch + 1 == config.epochs):
             state.save_checkpoint(good)
-        for callback in callbacks:
+        for callback in callbacks if state.is_main else ():
             callback(epoch + 1, metrics)
         logger.debug("epoch %d: %s", epoch + 1, metrics)
         progress.set_postfix({k: f"{v:.3g}" for k, v in metrics.items()
                               if k in ("reconstruction", "energy_gap", "encoder_variance")})
         progress.update(1)
         epoch += 1
-        if deadline is not None and time.perf_counter() > deadline:
+        late = deadline is not None and time.perf_counter() > deadline
+        if state.shard is not None:
+            (late,) = state.shard.agree(late)
+        if late:
             logger.info("time budget of %.0f s reached in epoch %d", config.max_training_seconds,
                         epoch)
             break
