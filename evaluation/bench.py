@@ -313,6 +313,35 @@ def _scale(run: Run) -> Report:
     return Report({"scoring_memory": table.set_index(["rows", "mode"])}, digits=1)
 
 
+def _distributed(run: Run) -> Report:
+    from evaluation import datasets
+    from evaluation.distributed import (
+        first_step_table,
+        throughput_table,
+        torch_distributor_table,
+    )
+    from evaluation.protocols import tabular
+
+    files = datasets.adbench(run.data("the directory of ADBench npz files"))
+    name = (run.args.datasets or ["shuttle"])[0]
+    X, y = datasets.load_adbench_file(files[name])
+    epochs = run.epochs if run.epochs is not None else 10
+    return Report({
+        "first_step": first_step_table(),
+        "throughput": throughput_table(tabular(X, y, 0).X_train, epochs=epochs),
+        "torch_distributor": torch_distributor_table(name, X, y, epochs=epochs),
+    }, digits=4)
+
+
+def _scale_fit(run: Run) -> Report:
+    from evaluation.scale import training_memory
+
+    budget = run.args.budget_minutes
+    table = training_memory(run.args.rows or (1_000_000, 3_000_000, 10_000_000),
+                            training_seconds=60.0 if budget is None else 60.0 * budget)
+    return Report({"training_memory": table.set_index(["rows", "mode"])}, digits=1)
+
+
 def _robustness(run: Run) -> Report:
     import pandas as pd
 
@@ -432,6 +461,14 @@ SUITES: dict[str, Suite] = {
     "scale": Suite(_scale, "peak memory and time of divtri score on synthetic parquet files "
                    "of --rows rows (default 1M, 3M, 10M) x 16 features, streamed against "
                    "held in memory"),
+    "distributed": Suite(_distributed, "data-parallel training: 2 torchrun processes "
+                         "against 1 (first step, samples per second) and a TorchDistributor "
+                         "fit against single-process ones (AUROC) on one ADBench set "
+                         "(--datasets, default shuttle)", "the directory of ADBench npz files"),
+    "scale-fit": Suite(_scale_fit, "peak memory and time of divtri fit on synthetic "
+                       "parquet files of --rows rows (default 1M, 3M, 10M) x 16 features, "
+                       "--stream against read whole (60 s of training each, or "
+                       "--budget-minutes)"),
     "robustness": Suite(_robustness, "40 kinds of bad input against the estimator, ONNX, "
                         "divtri score, the pyfunc model and the REST server, plus a mixed "
                         "good/bad REST load"),

@@ -43,6 +43,21 @@ print(json.dumps({"rows": len(rows), "seconds": time.perf_counter() - started,
 """
 
 
+# Fit on one file in a fresh interpreter; print wall time and peak RSS as JSON.
+_FIT = """
+import json, resource, sys, time
+from serving.commands import fit_command
+started = time.perf_counter()
+detector = fit_command(sys.argv[2], sys.argv[3], json.loads(sys.argv[4]),
+                       stream=sys.argv[1] == "streamed")
+history = detector.training_history_
+print(json.dumps({"seconds": time.perf_counter() - started,
+                  "training_seconds": sum(e["seconds"] for e in history),
+                  "epoch_fraction": sum(e["batches_fraction"] for e in history),
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
 def write_synthetic_parquet(path: Path, n_rows: int, seed: int = 0) -> None:
     """``n_rows`` x ``N_FEATURES`` standard normal rows, written batch by batch."""
     import pyarrow as pa
@@ -94,5 +109,30 @@ def scoring_memory(row_counts: Sequence[int] = (1_000_000, 3_000_000, 10_000_000
                 result = _measure(script, model, data, work / "scores.csv")
                 rows.append({"rows": n_rows, "mode": mode, "file_mb": round(file_mb, 1),
                              **result, "rows_per_second": result["rows"] / result["seconds"]})
+            data.unlink()
+    return pd.DataFrame(rows)
+
+
+def training_memory(row_counts: Sequence[int] = (1_000_000, 3_000_000, 10_000_000), *,
+                    training_seconds: float = 60.0) -> pd.DataFrame:
+    """One row per (rows, mode): ``divtri fit`` on the parquet file, ``streamed``
+    (``--stream``: batches in, a float32 copy on disk) or ``in memory`` (the file read
+    whole). The default detector trains for ``training_seconds``, so that the rows change
+    the reading, preprocessing and scoring, not the training time."""
+    params = {"epochs": 1000, "max_training_seconds": training_seconds, "random_state": 0,
+              "verbose": 0}
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        for n_rows in row_counts:
+            data = work / f"rows_{n_rows}.parquet"
+            write_synthetic_parquet(data, n_rows)
+            for mode in ("streamed", "in memory"):
+                done = subprocess.run([sys.executable, "-c", _FIT, mode, str(data),
+                                       str(work / "model"), json.dumps(params)],
+                                      check=True, capture_output=True, text=True)
+                result = json.loads(done.stdout.strip().splitlines()[-1])
+                rows.append({"rows": n_rows, "mode": mode,
+                             "file_mb": round(data.stat().st_size / 2**20, 1), **result})
             data.unlink()
     return pd.DataFrame(rows)

@@ -34,9 +34,15 @@ def fit_command(data: Path, out: Path, params: dict, *, drop_columns=(),
             params["verbose"] = 0
             mlflow_experiment = register = None
     if stream:
+        first = next(iter_row_batches(data, 1), None)
+        if first is not None and np.ndim(first) > 2:
+            # images (n, H, W) / (n, C, H, W) are streamed as flat rows of that shape
+            params = {"image_shape": tuple(first.shape[1:]), **params}
+
         def rows():
             for batch in iter_row_batches(data, SCORE_BATCH_ROWS):
-                yield _without_columns(batch, drop_columns, data)
+                batch = _without_columns(batch, drop_columns, data)
+                yield batch.reshape(len(batch), -1) if np.ndim(batch) > 2 else batch
         source = {"batches": rows}
     else:
         source = {"X": _without_columns(read_rows(data), drop_columns, data)}

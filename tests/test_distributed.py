@@ -11,7 +11,7 @@ import torch
 
 import anomaly._detector as detector_module
 from anomaly import LatentEBMDetector
-from tests.ddp_first_step import ROWS, first_step
+from evaluation.ddp_first_step import ROWS, first_step
 from training.distributed import Shard, ShardedNoise
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,7 +57,7 @@ def test_a_group_fit_needs_one_int_random_state(monkeypatch):
                                               ("vae", "alternating")])
 def test_two_processes_take_the_step_of_one_with_twice_the_batch(tmp_path, objective, order):
     out = tmp_path / "rank0.pt"
-    run = _torchrun("-m", "tests.ddp_first_step", str(out), objective, order)
+    run = _torchrun("-m", "evaluation.ddp_first_step", str(out), objective, order)
     assert run.returncode == 0, run.stderr[-3000:]
     group = torch.load(out, weights_only=True)
     alone = first_step(ROWS, None, objective, order)
@@ -87,3 +87,27 @@ def test_divtri_fit_under_torchrun_saves_one_model_that_scores(tmp_path):
     assert len(detector.training_history_) == 3
     far = X[:5] + 25.0
     assert np.all(detector.score_samples(far) < np.median(detector.score_samples(X)))
+
+
+@pytest.mark.slow
+def test_a_torch_distributor_fit_saves_a_model_that_scores(tmp_path, monkeypatch):
+    from pyspark.sql import SparkSession
+
+    from serving.spark_training import fit_with_torch_distributor
+
+    monkeypatch.setenv("PYSPARK_PYTHON", sys.executable)
+    X = np.random.RandomState(1).normal(size=(100, 4))
+    np.save(tmp_path / "rows.npy", X)
+    spark = (SparkSession.builder.master("local[2]").appName("divtri-test")
+             .config("spark.ui.enabled", "false")
+             .config("spark.driver.host", "127.0.0.1")
+             .config("spark.driver.bindAddress", "127.0.0.1").getOrCreate())
+    try:
+        model = fit_with_torch_distributor(tmp_path / "rows.npy", tmp_path / "model",
+                                           {"epochs": 2, "random_state": 0, "width": 16},
+                                           num_processes=2)
+    finally:
+        spark.stop()
+    detector = LatentEBMDetector.load(model)
+    assert len(detector.training_history_) == 2
+    assert np.all(detector.score_samples(X[:5] + 25.0) < np.median(detector.score_samples(X)))

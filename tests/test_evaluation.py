@@ -207,3 +207,14 @@ def test_scale_suite_measures_streamed_and_in_memory_scoring(tmp_path):
         (3000, "in memory"), (3000, "streamed"), (70000, "in memory"), (70000, "streamed")]
     assert (table["peak_rss_mb"] > 0).all() and (table["seconds"] > 0).all()
     assert table["file_mb"].is_monotonic_increasing
+
+
+@pytest.mark.slow
+def test_scale_fit_suite_measures_streamed_and_in_memory_fits(tmp_path):
+    code = cli.main(["bench", "--suite", "scale-fit", "--rows", "2000,5000",
+                     "--budget-minutes", "0.02", "--out", str(tmp_path)])
+    assert code == 0
+    table = pd.read_csv(tmp_path / "scale-fit" / "training_memory.csv")
+    assert sorted(zip(table["rows"], table["mode"], strict=True)) == [
+        (2000, "in memory"), (2000, "streamed"), (5000, "in memory"), (5000, "streamed")]
+    assert (table["peak_rss_mb"] > 0).all() and (table["training_seconds"] > 0).all()

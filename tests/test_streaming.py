@@ -129,3 +129,14 @@ def test_divtri_fit_stream_reads_a_parquet_file_and_drops_columns(tmp_path):
     X = frame[["a", "b", "c"]]
     np.testing.assert_allclose(streamed.score_samples(X), in_memory.score_samples(X),
                                rtol=1e-6)
+
+
+def test_divtri_fit_stream_takes_an_npy_file_of_images(tmp_path):
+    images = np.random.RandomState(4).uniform(size=(40, 8, 8)).astype(np.float32)
+    np.save(tmp_path / "images.npy", images)
+    assert cli.main(["fit", str(tmp_path / "images.npy"), "--stream", "--epochs", "1",
+                     "--random-state", "0", "--params", '{"verbose": 0, "width": 8}',
+                     "--out", str(tmp_path / "model")]) == 0
+    detector = LatentEBMDetector.load(tmp_path / "model")
+    assert detector.input_shape_ == (1, 8, 8)
+    assert detector.score_samples(images[:3]).shape == (3,)

@@ -450,8 +450,8 @@ def fill_missing(networks: Networks, data: torch.Tensor, observed: torch.Tensor,
 
 def _global_minibatches(state: _TrainingState, batch_rows: int
                         ) -> Iterator[tuple[torch.Tensor | None, torch.Tensor]]:
-    """One epoch's global minibatches as ``(index, rows)``: ``index`` into ``state.data``
-    (None for rows read from disk, which are given whole) and a function of it."""
+    """One epoch's global minibatches: ``(index into state.data, None)`` for rows in
+    memory, ``(None, rows)`` for rows read from disk."""
     data = state.data
     if isinstance(data, SpilledRows):
         for rows in data.minibatches(batch_rows, state.generator):
@@ -473,8 +473,8 @@ def _run_epoch(state: _TrainingState, deadline: float | None) -> dict[str, float
     batch size, each rank stepping on its part of it, and the ranks agree after every step on
     whether to go on (a loss not finite or the deadline on any rank ends the epoch on all).
     """
-    step, networks, optimizers, config = (
-        state.step, state.replicas or state.networks, state.optimizers, state.config)
+    step, optimizers, config = state.step, state.optimizers, state.config
+    networks = state.networks if state.replicas is None else state.replicas
     data, observed, shard = state.data, state.observed, state.shard
     noise = state.generator if shard is None else ShardedNoise(state.generator, shard)
     batch_rows = config.batch_size * (1 if shard is None else shard.world_size)

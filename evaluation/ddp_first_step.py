@@ -1,6 +1,7 @@
-"""One training step, run by ``tests/test_distributed.py`` both in one process and in each
-process of a ``torchrun`` group: ``python -m tests.ddp_first_step OUT OBJECTIVE ORDER``
-(under torchrun) saves rank 0's gradients and parameters after the step to ``OUT``."""
+"""One training step, run both in one process and in each process of a ``torchrun`` group
+(by ``tests/test_distributed.py`` and the ``distributed`` suite):
+``python -m evaluation.ddp_first_step OUT OBJECTIVE ORDER`` under torchrun saves rank 0's
+gradients and parameters after the step to ``OUT``."""
 
 from __future__ import annotations
 
