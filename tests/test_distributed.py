@@ -12,7 +12,7 @@ import torch
 import anomaly._detector as detector_module
 from anomaly import LatentEBMDetector
 from evaluation.ddp_first_step import ROWS, first_step
-from training.distributed import Shard, ShardedNoise
+from training.distributed import GlobalMinibatch, Shard
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,7 +37,7 @@ def test_ranks_noise_parts_make_up_one_process_draw_for_the_whole_minibatch(shar
     like = torch.zeros(4, 3)  # a rank's rows of a global minibatch of 8, latent size 3
     parts = []
     for rank in range(2):
-        noise = ShardedNoise(torch.Generator().manual_seed(5), Shard(rank, 2))
+        noise = GlobalMinibatch(torch.Generator().manual_seed(5), Shard(rank, 2))
         noise.begin(8)
         parts.append(noise.normal(like, share))
     one_process = torch.randn((int(8 * share), 3), generator=torch.Generator().manual_seed(5))

@@ -146,9 +146,35 @@ def test_trimming_weights_leave_out_the_worst_reconstructed_rows():
     x_rec = torch.arange(10.0).repeat(3, 1).T  # row i has error 3 i^2 / (2 sigma^2)
     assert objectives.trimming_weights(x, x_rec, 1.0, 0.0) is None
     weights = objectives.trimming_weights(x, x_rec, 1.0, 0.2)
-    torch.testing.assert_close(weights, torch.tensor([1.0] * 8 + [0.0] * 2))
+    torch.testing.assert_close(weights, torch.tensor([1.25] * 8 + [0.0] * 2))  # mean 1
     values = torch.arange(10.0)
     assert objectives.weighted_mean(values, weights) == pytest.approx(3.5)
+
+
+class _HalfOfABatch:
+    """Rank 0's view of a 2-rank global minibatch whose other half is ``others``."""
+
+    def __init__(self, others):
+        self.others = others
+
+    def gather(self, values):
+        return torch.cat([values, self.others])
+
+    def local(self, values):
+        return values[:len(values) - len(self.others)]
+
+
+def test_trimming_a_ranks_rows_leaves_out_the_worst_of_the_global_minibatch():
+    x = torch.zeros(4, 1)
+    x_rec = torch.tensor([[1.0], [2.0], [3.0], [4.0]])  # errors 0.5, 2, 4.5, 8
+    # the other rank holds the four worst rows: none of this rank's is left out
+    weights = objectives.trimming_weights(x, x_rec, 1.0, 0.5,
+                                          minibatch=_HalfOfABatch(torch.full((4,), 100.0)))
+    torch.testing.assert_close(weights, torch.full((4,), 2.0))
+    # the other rank holds the four best: this rank's are all left out
+    weights = objectives.trimming_weights(x, x_rec, 1.0, 0.5,
+                                          minibatch=_HalfOfABatch(torch.zeros(4)))
+    torch.testing.assert_close(weights, torch.zeros(4))
 
 
 def test_trimmed_loss_ignores_the_trimmed_rows():
@@ -163,7 +189,8 @@ def test_trimmed_loss_ignores_the_trimmed_rows():
     losses = []
     for data in (x, x_moved):
         pairs = draw_pairs(nets, data, torch.Generator().manual_seed(0), config)
-        assert pairs.weights[0] == 0 and pairs.weights.sum() == 12
+        assert pairs.weights[0] == 0 and (pairs.weights > 0).sum() == 12
+        assert pairs.weights.mean().item() == pytest.approx(1.0)
         losses.append(encoder_generator_losses(nets, data, pairs, config)["fused"].item())
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
     untrimmed = TrainConfig(grad_clip=None)

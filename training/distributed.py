@@ -90,9 +90,11 @@ def init_from_environment(device: str = "auto") -> Shard | None:
     return current_shard()
 
 
-class ShardedNoise:
-    """A seeded source of the training step's N(0, 1) latent draws that gives each rank its
-    part of one draw for the whole global minibatch (see the module's docstring).
+class GlobalMinibatch:
+    """This rank's view of the global minibatch it steps on a part of: the seeded latent
+    draws of the training step, each rank taking its part of one draw for the whole global
+    minibatch (see the module's docstring), and what needs every rank's rows (the rows a
+    trimmed loss leaves out).
 
     ``generator`` is the generator every rank holds in the same state; :meth:`begin` tells
     it the global minibatch's size before each step.
@@ -114,6 +116,20 @@ class ShardedNoise:
                            device=like.device, dtype=like.dtype)
         return self.shard.part(draw)
 
+    def gather(self, values: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``values`` ``(its rows,)`` in rank order: the global minibatch's."""
+        sizes = [len(p) for p in torch.tensor_split(torch.empty(self._global_rows),
+                                                    self.shard.world_size)]
+        padded = torch.zeros(max(sizes), dtype=values.dtype, device=values.device)
+        padded[:len(values)] = values
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded)
+        return torch.cat([part[:size] for part, size in zip(parts, sizes, strict=True)])
+
+    def local(self, values: torch.Tensor) -> torch.Tensor:
+        """This rank's part of the global minibatch's ``values``."""
+        return self.shard.part(values)
+
 
 @dataclass
 class Replicas:
@@ -127,14 +143,14 @@ class Replicas:
 
     @classmethod
     def wrap(cls, networks: nn.Module) -> Replicas:
-        """DDP over each network. DDP's constructor copies rank 0's parameters to every rank,
-        so all ranks start from one model. Buffers are not broadcast on each forward: the only
-        ones are spectral normalisation's power-iteration vectors, which depend on the
-        (identical) weights alone."""
+        """DDP over each network. DDP's constructor copies rank 0's parameters and buffers to
+        every rank, so all ranks start from one model. Buffers are not synced again on each
+        forward: the only ones are spectral normalisation's power-iteration vectors, which
+        depend on the (identical) weights alone."""
         def ddp(module: nn.Module | None) -> nn.Module | None:
             if module is None:
                 return None
-            return DistributedDataParallel(module, broadcast_buffers=False)
+            return DistributedDataParallel(module, forward_sync_buffers=False)
 
         return cls(ddp(networks.encoder), ddp(networks.generator), ddp(networks.energy))
 

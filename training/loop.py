@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from training import objectives
 from training.checkpoint import Checkpointer
 from training.config import TrainConfig
-from training.distributed import Replicas, Shard, ShardedNoise, unwrapped
+from training.distributed import GlobalMinibatch, Replicas, Shard, unwrapped
 from training.networks import Networks
 from training.streaming import SpilledRows
 
@@ -94,17 +94,22 @@ class Pairs:
     observed: torch.Tensor | None = None  # like x, bool: entries seen (None: all)
 
 
-Noise = torch.Generator | ShardedNoise | None
+Noise = torch.Generator | GlobalMinibatch | None
 
 
 def _normal(generator: Noise, like: torch.Tensor, share: float = 1.0) -> torch.Tensor:
     """``(ceil(share * rows of like), like.shape[1])`` N(0, 1) draws; under data parallelism
-    (a :class:`ShardedNoise`) this rank's part of the draw for the global minibatch."""
-    if isinstance(generator, ShardedNoise):
+    (a :class:`GlobalMinibatch`) this rank's part of the draw for the global minibatch."""
+    if isinstance(generator, GlobalMinibatch):
         return generator.normal(like, share)
     rows = max(1, math.ceil(share * like.shape[0]))
     return torch.randn((rows, like.shape[1]), generator=generator, device=like.device,
                        dtype=like.dtype)
+
+
+def _minibatch(generator: Noise) -> GlobalMinibatch | None:
+    """The global minibatch these rows are one rank's part of, if any."""
+    return generator if isinstance(generator, GlobalMinibatch) else None
 
 
 def _reparameterise(mu: torch.Tensor, logvar: torch.Tensor, generator: Noise) -> torch.Tensor:
@@ -136,7 +141,7 @@ def draw_pairs(networks: Networks | Replicas, x: torch.Tensor,
     # One generator call for both latents: fewer, larger kernels.
     x_rec, x_p = networks.generator(torch.cat([z_q, z_p])).split([n, z_p.shape[0]])
     weights = None if config is None else objectives.trimming_weights(
-        x, x_rec, config.decoder_sigma, config.trim_fraction, observed)
+        x, x_rec, config.decoder_sigma, config.trim_fraction, observed, _minibatch(generator))
     return Pairs(mu, logvar, z_q, z_p, x_rec, x_p, weights, observed)
 
 
@@ -343,7 +348,7 @@ def vae_step(
     mu, logvar = networks.encoder(x)
     x_rec = networks.generator(_reparameterise(mu, logvar, generator))
     weights = objectives.trimming_weights(x, x_rec, config.decoder_sigma, config.trim_fraction,
-                                          observed)
+                                          observed, _minibatch(generator))
     loss = objectives.vae_loss(x, x_rec, mu, logvar, config.decoder_sigma, weights, observed)
     _update_encoder_and_generator(networks, optimizers, loss, config)
     with torch.no_grad():
@@ -476,7 +481,7 @@ def _run_epoch(state: _TrainingState, deadline: float | None) -> dict[str, float
     step, optimizers, config = state.step, state.optimizers, state.config
     networks = state.networks if state.replicas is None else state.replicas
     data, observed, shard = state.data, state.observed, state.shard
-    noise = state.generator if shard is None else ShardedNoise(state.generator, shard)
+    noise = state.generator if shard is None else GlobalMinibatch(state.generator, shard)
     batch_rows = config.batch_size * (1 if shard is None else shard.world_size)
     totals: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
@@ -571,8 +576,8 @@ def train_networks(
     state; ``config.batch_size`` is each rank's part of a global minibatch of
     ``world_size * batch_size`` rows, gradients are averaged over the ranks by
     ``DistributedDataParallel``, and all ranks end with the same networks. Rank 0 alone
-    writes checkpoints, shows progress and calls ``callbacks``. A ``trim_fraction`` trims
-    each rank's part of the minibatch.
+    writes checkpoints, shows progress and calls ``callbacks``. A ``trim_fraction`` leaves
+    out the worst rows of the global minibatch, as one process would.
     """
     if (config.objective == "triangle") != (networks.energy is not None):
         raise ValueError("the triangle objective needs an energy network; the VAE has none")

@@ -38,10 +38,13 @@ def kl_to_prior(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 
 
 def weighted_mean(values: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
-    """Mean of per-sample ``values`` ``(n,)``, weighted by ``weights`` ``(n,)`` when given."""
+    """Mean of per-sample ``values`` ``(n,)``, each multiplied by its weight ``(n,)`` when
+    given. Weights of mean 1 make it a weighted average; they are not renormalised here, so
+    that parts of one minibatch (data-parallel ranks) averaged together give the whole
+    minibatch's value."""
     if weights is None:
         return values.mean()
-    return (values * weights).sum() / weights.sum()
+    return (values * weights).mean()
 
 
 def ebm_loss(energy_data: torch.Tensor, energy_model: torch.Tensor,
@@ -98,10 +101,14 @@ def vae_loss(
 
 
 def trimming_weights(x: torch.Tensor, x_rec: torch.Tensor, sigma: float, fraction: float,
-                     observed: torch.Tensor | None = None) -> torch.Tensor | None:
-    """0/1 weights ``(n,)`` that leave out the ``fraction`` of rows reconstructed worst, or
-    None for ``fraction == 0``. With ``observed``, rows are ranked by their error per observed
-    entry, so that a row is not kept for having few entries.
+                     observed: torch.Tensor | None = None, minibatch=None
+                     ) -> torch.Tensor | None:
+    """Weights ``(n,)`` that leave out the ``fraction`` of rows reconstructed worst (weight
+    0) and give the others ``n / kept`` (so the weights average 1), or None for
+    ``fraction == 0``. With ``observed``, rows are ranked by their error per observed entry,
+    so that a row is not kept for having few entries. With ``minibatch`` (a
+    :class:`training.distributed.GlobalMinibatch`: these rows are one rank's part of a global
+    minibatch) the rows left out are the worst of the whole global minibatch.
 
     Unsupervised training data hold some anomalies; a trimmed loss (the least-trimmed-squares
     idea) keeps the model from learning to reconstruct them, so they keep their high scores.
@@ -112,8 +119,10 @@ def trimming_weights(x: torch.Tensor, x_rec: torch.Tensor, sigma: float, fractio
         errors = reconstruction_nll(x, x_rec, sigma, observed)
         if observed is not None:
             errors = errors / observed.flatten(1).sum(1).clamp_min(1)
+        if minibatch is not None:
+            errors = minibatch.gather(errors)
         n_kept = max(1, round((1.0 - fraction) * errors.shape[0]))
         kept = torch.topk(errors, n_kept, largest=False).indices
         weights = torch.zeros_like(errors)
-        weights[kept] = 1.0
-    return weights
+        weights[kept] = errors.shape[0] / n_kept
+    return weights if minibatch is None else minibatch.local(weights)
