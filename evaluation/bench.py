@@ -334,12 +334,15 @@ def _distributed(run: Run) -> Report:
 
 
 def _scale_fit(run: Run) -> Report:
+    from evaluation.results import ResultLog
     from evaluation.scale import training_memory
 
     budget = run.args.budget_minutes
-    table = training_memory(run.args.rows or (1_000_000, 3_000_000, 10_000_000),
+    log = ResultLog(run.out / "fits.csv")
+    table = training_memory(log, run.args.rows or (1_000_000, 3_000_000, 10_000_000),
                             training_seconds=60.0 if budget is None else 60.0 * budget)
-    return Report({"training_memory": table.set_index(["rows", "mode"])}, digits=1)
+    return Report({"training_memory": table.set_index(["rows", "mode"])}, results=log.path,
+                  digits=1)
 
 
 def _robustness(run: Run) -> Report:

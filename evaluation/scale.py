@@ -113,26 +113,36 @@ def scoring_memory(row_counts: Sequence[int] = (1_000_000, 3_000_000, 10_000_000
     return pd.DataFrame(rows)
 
 
-def training_memory(row_counts: Sequence[int] = (1_000_000, 3_000_000, 10_000_000), *,
+def training_memory(log, row_counts: Sequence[int] = (1_000_000, 3_000_000, 10_000_000), *,
                     training_seconds: float = 60.0) -> pd.DataFrame:
     """One row per (rows, mode): ``divtri fit`` on the parquet file, ``streamed``
     (``--stream``: batches in, a float32 copy on disk) or ``in memory`` (the file read
     whole). The default detector trains for ``training_seconds``, so that the rows change
-    the reading, preprocessing and scoring, not the training time."""
+    the reading, preprocessing and scoring, not the training time. Each measurement is
+    appended to ``log`` (an :class:`evaluation.results.ResultLog`) as it finishes, and a rerun
+    skips those already there."""
     params = {"epochs": 1000, "max_training_seconds": training_seconds, "random_state": 0,
               "verbose": 0}
-    rows = []
+    modes = ("streamed", "in memory")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for n_rows in row_counts:
+            todo = [m for m in modes if not log.done(dataset="synthetic", target=n_rows,
+                                                     seed=0, method=m)]
+            if not todo:
+                continue
             data = work / f"rows_{n_rows}.parquet"
             write_synthetic_parquet(data, n_rows)
-            for mode in ("streamed", "in memory"):
+            for mode in todo:
                 done = subprocess.run([sys.executable, "-c", _FIT, mode, str(data),
                                        str(work / "model"), json.dumps(params)],
                                       check=True, capture_output=True, text=True)
                 result = json.loads(done.stdout.strip().splitlines()[-1])
-                rows.append({"rows": n_rows, "mode": mode,
-                             "file_mb": round(data.stat().st_size / 2**20, 1), **result})
+                log.append({"dataset": "synthetic", "target": n_rows, "seed": 0,
+                            "method": mode, "file_mb": round(data.stat().st_size / 2**20, 1),
+                            **result})
             data.unlink()
-    return pd.DataFrame(rows)
+    frame = log.frame()
+    frame = frame[frame["target"].isin(list(row_counts))]
+    return (frame.rename(columns={"target": "rows", "method": "mode"})
+            .drop(columns=["dataset", "seed"]))
