@@ -487,8 +487,8 @@ def _run_epoch(state: _TrainingState, deadline: float | None) -> dict[str, float
     counts: dict[str, int] = {}
     rows_done = 0
     for batch, rows in _global_minibatches(state, batch_rows):
-        size = len(batch if rows is None else rows)
         part = batch if rows is None else rows
+        size = len(part)
         if shard is not None:
             if size < shard.world_size:  # a remainder too small to give every rank a row
                 break

@@ -52,11 +52,6 @@ class SpilledRows:
         with open(self.path, "rb") as file:
             return torch.from_numpy(self._read(file, 0, self.n_rows))
 
-    def n_minibatches(self, batch_rows: int) -> int:
-        """Minibatches in an epoch (none spans two windows)."""
-        full, rest = divmod(self.n_rows, self.window_rows)
-        return full * math.ceil(self.window_rows / batch_rows) + math.ceil(rest / batch_rows)
-
     def minibatches(self, batch_rows: int, generator: torch.Generator | None
                     ) -> Iterator[torch.Tensor]:
         """One epoch's minibatches of at most ``batch_rows`` rows, ``(m, *sample_shape)``."""
