@@ -83,6 +83,21 @@ def test_bank_rules_keep_the_training_codes_and_the_contamination_contract(tabul
     assert (det.score_samples(tabular) > loo).any()
 
 
+def test_latent_knn_is_the_mean_distance_to_the_nearest_bank_codes(tabular):
+    from sklearn.neighbors import NearestNeighbors
+
+    det = _fit(tabular, score_rule="latent_knn")
+    bank = det.scorer_.code_bank.numpy()
+    rng = np.random.RandomState(1)
+    codes = np.vstack([rng.normal(size=(30, bank.shape[1])), bank[:5]])
+    found = NearestNeighbors(n_neighbors=6).fit(bank).kneighbors(codes)[0]
+    knn = det.scorer_.latent_knn(torch.from_numpy(codes))
+    np.testing.assert_allclose(knn.numpy(), found[:, :5].mean(1), rtol=1e-10)
+    # a bank row's own code is at distance exactly 0, so leaving it out keeps the next five
+    loo = det.scorer_.latent_knn(torch.from_numpy(bank[:5]), leave_one_out=True)
+    np.testing.assert_allclose(loo.numpy(), found[30:, 1:].mean(1), rtol=1e-10)
+    assert (knn[30:] < loo).all()
+
 def test_fused_rule_standardises_each_rule_by_its_training_spread(tabular):
     import torch
 
