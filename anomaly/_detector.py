@@ -22,7 +22,6 @@ from anomaly._moments import ColumnMoments
 from anomaly._rules import outlier_labels
 from anomaly._validation import image_shape_tuple, validate_samples
 from training import (
-    BANK_ROWS,
     SCORE_RULES,
     AnomalyScorer,
     NetworkConfig,
@@ -138,10 +137,10 @@ def _spill(batches: Iterable[np.ndarray], shift: np.ndarray, scale: np.ndarray, 
     return np.concatenate(bank), digest
 
 
-def _bank_rows(n_rows: int, seed: int) -> np.ndarray:
-    """The sorted indices of the ``BANK_ROWS`` training rows kept for the score rules
+def _bank_rows(n_rows: int, bank_size: int, seed: int) -> np.ndarray:
+    """The sorted indices of the ``bank_size`` training rows kept for the score rules
     (drawn without a permutation of all rows, so that memory does not grow with them)."""
-    return np.sort(np.random.default_rng(seed).choice(n_rows, BANK_ROWS, replace=False))
+    return np.sort(np.random.default_rng(seed).choice(n_rows, bank_size, replace=False))
 
 
 class LatentEBMDetector(OutlierMixin, BaseEstimator):
@@ -156,18 +155,24 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
     ----------
     objective : {"triangle", "vae"}, default="triangle"
         ``"vae"`` trains the same encoder and generator as a plain VAE (the ablation).
-    score_rule : {"auto", "fused", "latent_knn", "joint", "reconstruction", "energy", "elbo"}, \
-            default="auto"
+    score_rule : {"auto", "fused", "latent_lof", "latent_knn", "joint", "reconstruction", \
+"energy", "elbo"}, default="auto"
         Anomaly score (named ``score_rule`` because scikit-learn reserves ``score`` for a
-        method). ``"auto"`` is ``"latent_knn"`` for images (conv networks) and ``"fused"``
+        method). ``"auto"`` is ``"latent_lof"`` for images (conv networks) and ``"fused"``
         for tabular rows: per-pixel reconstruction error mostly measures how much ink an image
-        has (simple held-out digits are redrawn well and rank as normal), while on tables an
-        extreme value in one feature is what most anomalies show and reconstruction sees it.
+        has (simple held-out digits are redrawn well and rank as normal), and the classes of
+        an image set crowd the code space unevenly, which a local density ratio allows for;
+        on tables an extreme value in one feature is what most anomalies show and
+        reconstruction sees it, while anomalies in unlabelled training rows are each other's
+        neighbours in the bank.
         ``"joint"`` = E(x, mu) + reconstruction error + ||mu||^2 / 2 (the negative
         log of the tilted joint density); ``"reconstruction"`` = -log p(x | mu(x));
         ``"energy"`` = E(x, mu(x)) as in the paper; ``"elbo"`` = negative ELBO at mu;
         ``"latent_knn"`` = mean distance from mu(x) to the 5 nearest codes of training rows
-        (a bank of at most 10,000 codes kept in the model); ``"fused"`` = the sum of the
+        (a bank of at most ``bank_size`` codes kept in the model); ``"latent_lof"`` = the
+        local outlier factor of mu(x) among the bank's codes, 10 neighbours (its mean
+        reachability distance relative to its neighbours' own, as scikit-learn's
+        ``LocalOutlierFactor`` computes it); ``"fused"`` = the sum of the
         reconstruction, latent_knn and energy scores, each centred by its median, divided
         by its interquartile range on the training rows and cut at 0 from below (a rule
         counts only where it finds the sample more anomalous than the median). README:
@@ -261,6 +266,13 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
         a normal row look more or less anomalous. A row with every entry missing is refused.
         The default keeps NaN an error, because an unexpected NaN is more often a bug
         upstream than data.
+    bank_size : int, default=50_000
+        Most training rows whose codes the model keeps for the rules that compare a code with
+        the training rows' (``latent_lof``, ``latent_knn``, ``fused``); a seeded random
+        subset beyond. More codes resolve the training density more finely (MNIST,
+        ``latent_lof``: 50,000 codes against 10,000, +0.07 mean AUPRC; README) at a cost in
+        the saved model and per scored row that grows with it: 50,000 codes of latent 32 are
+        12.8 MB (float64), and the neighbour search runs at about 3,000 rows/s on 2 cores.
     device : str, default="auto"
         Training device: "auto", "cpu", "cuda" or "cuda:N".
     random_state : int, RandomState instance or None, default=None
@@ -324,6 +336,7 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
         "training_precision": [StrOptions(set(PRECISIONS))],
         "model_pairs_fraction": [_positive(upper=1.0, closed="right")],
         "missing": [StrOptions(set(MISSING_OPTIONS))],
+        "bank_size": [_positive(Integral)],
         "device": [str],
         "random_state": ["random_state"],
         "verbose": ["verbose"],
@@ -359,6 +372,7 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
         training_precision: str = "float32",
         model_pairs_fraction: float = 1.0,
         missing: str = "error",
+        bank_size: int = 50_000,
         device: str = "auto",
         random_state=None,
         verbose: int = 0,
@@ -390,6 +404,7 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
         self.training_precision = training_precision
         self.model_pairs_fraction = model_pairs_fraction
         self.missing = missing
+        self.bank_size = bank_size
         self.device = device
         self.random_state = random_state
         self.verbose = verbose
@@ -424,7 +439,7 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
         """The score rule ``score_rule`` stands for on images or on tabular rows."""
         if self.score_rule != "auto":
             return self.score_rule
-        return "latent_knn" if is_image else "fused"
+        return "latent_lof" if is_image else "fused"
 
     def _network_config(self, input_shape: tuple[int, ...]) -> NetworkConfig:
         return NetworkConfig(input_shape=input_shape, latent_dim=int(self.latent_dim),
@@ -591,7 +606,8 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
 
         seed = _torch_seed(self.random_state)
         n_rows = moments.n_rows
-        bank_index = None if n_rows <= BANK_ROWS else _bank_rows(n_rows, seed)
+        bank_size = int(self.bank_size)
+        bank_index = None if n_rows <= bank_size else _bank_rows(n_rows, bank_size, seed)
         with tempfile.TemporaryDirectory(dir=spill_dir, prefix="divtri-spill-") as directory:
             path = Path(directory) / "rows.f32"
             bank, digest = _spill(validated_batches(), shift, scale, path, bank_index)
@@ -697,14 +713,17 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
         self._train(network_config, data, shift, scale, seed, callbacks, checkpoint,
                     fingerprint, observed)
 
-        bank = X if len(X) <= BANK_ROWS else X[_bank_rows(len(X), seed)]
+        bank_size = int(self.bank_size)
+        bank = X if len(X) <= bank_size else X[_bank_rows(len(X), bank_size, seed)]
         self.scorer_.calibrate(torch.tensor(bank))  # a copy: X may be a read-only view
         if self.scorer_.allows_missing:
             self.scorer_.calibrate_missing_rates(torch.tensor(bank), seed)
         # Training rows are scored as predict() will score them (a row in the bank is its own
         # nearest code), so that predict(X) flags the `contamination` fraction of them, as
-        # scikit-learn's contract says; unseen rows score a little more anomalous.
-        self._set_offset(self._score_rows(X))
+        # scikit-learn's contract says (of a seeded sample of OFFSET_ROWS of them beyond that
+        # many, which bounds the cost of a large fit); unseen rows score a little more
+        # anomalous.
+        self._set_offset(self._sampled_training_scores([X], len(X), seed))
         if X_calibration is not None:
             self._calibrate_rows(X_calibration)
         return self

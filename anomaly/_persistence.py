@@ -25,7 +25,7 @@ from safetensors.torch import load, save
 
 from anomaly._rules import package_version
 from training import AnomalyScorer, NetworkConfig, build_networks
-from training.scorer import FLOAT64_BUFFERS, MISSING_BUFFERS
+from training.scorer import BANK_NEIGHBOURHOOD_BUFFERS, FLOAT64_BUFFERS, MISSING_BUFFERS
 
 # 2: the scorer keeps a bank of training codes and the fused rule's calibration.
 # 3: self-describing networks, a checksum over the whole JSON, content-named weights.
@@ -213,6 +213,12 @@ def load_detector(cls, path: str | Path):
                            # models saved before missing values were allowed refuse them
                            allows_missing=fitted.get("allows_missing", False)
                            ).to(torch.float64)
+    if all(name in weights for name in BANK_NEIGHBOURHOOD_BUFFERS):
+        for name in BANK_NEIGHBOURHOOD_BUFFERS:  # sized by the saved bank
+            setattr(scorer, name, torch.zeros_like(weights[name]))
+    else:  # saved before latent_lof: the bank's neighbourhoods follow from the bank itself
+        scorer.set_bank_neighbourhoods()
+        weights.update({name: getattr(scorer, name) for name in BANK_NEIGHBOURHOOD_BUFFERS})
     for name in MISSING_BUFFERS:
         if name in weights:  # sized by the saved model; empty in models saved before them
             setattr(scorer, name, torch.zeros_like(weights[name]))

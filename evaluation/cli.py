@@ -107,8 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--drop-columns", type=_names, default=[],
                      help="comma-separated columns of a table that are not features")
     fit.add_argument("--objective", choices=("triangle", "vae"), default=None)
-    fit.add_argument("--score-rule", default=None, help="auto (default), fused, latent_knn, "
-                                                        "joint, reconstruction, energy, elbo")
+    fit.add_argument("--score-rule", default=None, help="auto (default), fused, latent_lof, "
+                                                        "latent_knn, joint, reconstruction, "
+                                                        "energy, elbo")
     fit.add_argument("--epochs", type=int, default=None)
     fit.add_argument("--max-training-minutes", type=float, default=None,
                      help="stop training after this many minutes")
@@ -124,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="mask: learn with empty cells / NaN left out, and let the saved "
                           "and exported model score rows with missing entries (default: "
                           "error, refuse them)")
+    fit.add_argument("--bank-size", type=int, default=None,
+                     help="most training codes kept for the neighbour rules (default 50000)")
     fit.add_argument("--random-state", type=int, default=None)
     fit.add_argument("--params", type=_json_object, default={},
                      help="JSON object of any other LatentEBMDetector parameters")
@@ -183,7 +186,7 @@ def _fit_params(args: argparse.Namespace) -> dict:
                "epochs": args.epochs, "image_shape": args.image_shape,
                "latent_dim": args.latent_dim, "calibration": args.calibration,
                "alpha": args.alpha, "random_state": args.random_state,
-               "missing": args.missing}
+               "missing": args.missing, "bank_size": args.bank_size}
     params.update({k: v for k, v in options.items() if v is not None})
     if args.max_training_minutes is not None:
         params["max_training_seconds"] = 60.0 * args.max_training_minutes

@@ -98,6 +98,26 @@ def test_latent_knn_is_the_mean_distance_to_the_nearest_bank_codes(tabular):
     np.testing.assert_allclose(loo.numpy(), found[30:, 1:].mean(1), rtol=1e-10)
     assert (knn[30:] < loo).all()
 
+
+def test_latent_lof_is_scikit_learns_local_outlier_factor_on_the_bank(tabular):
+    from sklearn.neighbors import LocalOutlierFactor
+
+    from training.scorer import LOF_NEIGHBORS
+
+    det = _fit(tabular, score_rule="latent_lof")
+    assert det.score_rule_ == "latent_lof"
+    bank = det.scorer_.code_bank.numpy()
+    lof = LocalOutlierFactor(n_neighbors=LOF_NEIGHBORS, novelty=True).fit(bank)
+    codes = np.random.RandomState(1).normal(size=(30, bank.shape[1]))
+    ours = det.scorer_.latent_lof(torch.from_numpy(codes)).numpy()
+    np.testing.assert_allclose(ours, -lof.score_samples(codes), rtol=1e-9)
+    # a bank row left out of its own neighbours gets its outlier factor within the bank
+    loo = det.scorer_.latent_lof(torch.from_numpy(bank), leave_one_out=True).numpy()
+    np.testing.assert_allclose(loo, -lof.negative_outlier_factor_, rtol=1e-9)
+    # and the estimator scores raw rows by it, through the encoder
+    np.testing.assert_allclose(det.anomaly_score(tabular[:10]),
+                               -lof.score_samples(det.encode(tabular[:10])), rtol=1e-9)
+
 def test_fused_rule_standardises_each_rule_by_its_training_spread(tabular):
     import torch
 
@@ -110,11 +130,8 @@ def test_fused_rule_standardises_each_rule_by_its_training_spread(tabular):
         assert scorer.fusion_spread[i].item() == pytest.approx(q3 - q1)
 
 
-def test_code_bank_is_a_seeded_subset_of_large_training_sets(tabular, monkeypatch):
-    import anomaly._detector as detector_module
-
-    monkeypatch.setattr(detector_module, "BANK_ROWS", 30)
-    a, b = _fit(tabular), _fit(tabular)
+def test_code_bank_is_a_seeded_subset_of_large_training_sets(tabular):
+    a, b = _fit(tabular, bank_size=30), _fit(tabular, bank_size=30)
     assert a.scorer_.code_bank.shape == (30, TINY["latent_dim"])
     np.testing.assert_array_equal(a.scorer_.code_bank, b.scorer_.code_bank)
     np.testing.assert_array_equal(a.score_samples(tabular), b.score_samples(tabular))
@@ -353,14 +370,14 @@ def test_bad_parameters(images, params, message):
         LatentEBMDetector(**{**TINY, **params}).fit(X)
 
 
-def test_auto_score_rule_is_latent_knn_for_images_and_fused_for_tables(tabular, images,
+def test_auto_score_rule_is_latent_lof_for_images_and_fused_for_tables(tabular, images,
                                                                        tmp_path):
     assert _fit(tabular).score_rule_ == "fused"
     image_model = _fit(images.astype(float))
-    assert image_model.score_rule_ == "latent_knn" and image_model.score_rule == "auto"
+    assert image_model.score_rule_ == "latent_lof" and image_model.score_rule == "auto"
     assert _fit(tabular, score_rule="joint").score_rule_ == "joint"
     loaded = LatentEBMDetector.load(image_model.save(tmp_path / "model"))
-    assert loaded.score_rule_ == "latent_knn"
+    assert loaded.score_rule_ == "latent_lof"
 
 
 def test_anomaly_scores_by_rule_selects_rules_and_refuses_bad_ones(tabular):

@@ -126,3 +126,16 @@ def test_a_save_killed_at_random_times_leaves_a_loadable_model(tmp_path):
         # what the killed save left behind is cleared by the next save
         LatentEBMDetector.load(directory).save(directory)
         assert len(list(directory.iterdir())) == 2, sorted(p.name for p in directory.iterdir())
+
+
+def test_a_model_saved_before_latent_lof_gets_its_banks_neighbourhoods_on_load():
+    from sklearn.neighbors import LocalOutlierFactor
+
+    from training.scorer import LOF_NEIGHBORS
+
+    loaded = LatentEBMDetector.load(FIXTURES / "model_v3")
+    probe = pd.DataFrame(np.load(FIXTURES / "model_v3_probe.npz")["X"], columns=["a", "b", "c"])
+    bank = loaded.scorer_.code_bank.numpy()
+    lof = LocalOutlierFactor(n_neighbors=min(LOF_NEIGHBORS, len(bank) - 1), novelty=True).fit(bank)
+    np.testing.assert_allclose(loaded.anomaly_scores_by_rule(probe, ["latent_lof"])["latent_lof"],
+                               -lof.score_samples(loaded.encode(probe)), rtol=1e-9)

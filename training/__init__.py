@@ -3,10 +3,9 @@
 from training.config import NetworkConfig, TrainConfig
 from training.loop import TrainingDivergedError, TrainingHistory, train_networks
 from training.networks import Networks, build_networks
-from training.scorer import BANK_ROWS, SCORE_RULES, AnomalyScorer
+from training.scorer import SCORE_RULES, AnomalyScorer
 
 __all__ = [
-    "BANK_ROWS",
     "SCORE_RULES",
     "AnomalyScorer",
     "NetworkConfig",
