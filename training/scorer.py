@@ -38,9 +38,9 @@ FLOAT64_BUFFERS = ("shift", "scale", "code_bank", *BANK_NEIGHBOURHOOD_BUFFERS,
 CALIBRATION_ROWS = 10_000
 # Neighbours of the latent_knn rule (the usual k of kNN detectors, PyOD's default).
 N_NEIGHBORS = 5
-# Neighbours of the latent_lof rule (the MNIST screen found 5 and 10 level, 3 and 20 worse;
-# README). Fewer than scikit-learn's default 20, because 20 of 50,000 codes is a smaller
-# neighbourhood than the ~1% of the data the usual advice means.
+# Neighbours of the latent_lof rule: the MNIST screen found 5 and 10 level, and 3, 20
+# (scikit-learn's default) and 50 worse (README, seventh round); of the two level choices,
+# 10 averages each density over more codes.
 LOF_NEIGHBORS = 10
 # Added to a mean reachability distance before it is inverted, as scikit-learn does, so that
 # duplicated codes give a large but finite density.
