@@ -92,11 +92,15 @@ def test_paired_compares_the_reference_on_shared_runs_only():
 
 
 def test_anomaly_scores_by_rule_match_each_rule_s_definition(images):
+    from sklearn.neighbors import LocalOutlierFactor
+
     from anomaly import LatentEBMDetector
+    from training.scorer import LOF_NEIGHBORS
 
     det = LatentEBMDetector(**TINY, score_rule="elbo", random_state=0).fit(images)
     rules = det.anomaly_scores_by_rule(images)
-    assert set(rules) == {"energy", "joint", "reconstruction", "elbo", "latent_knn", "fused"}
+    assert set(rules) == {"energy", "joint", "reconstruction", "elbo", "latent_knn",
+                          "latent_lof", "fused"}
     np.testing.assert_allclose(rules["elbo"], det.anomaly_score(images))
     # Each rule by its definition, from the networks directly.
     fitted = det.scorer_
@@ -118,6 +122,9 @@ def test_anomaly_scores_by_rule_match_each_rule_s_definition(images):
     knn = np.sort(distances, axis=1)[:, :5].mean(1)
     # atol: |a|^2 - 2ab + |b|^2 cancels to ~1e-16 rather than 0 for a row's own code.
     np.testing.assert_allclose(rules["latent_knn"], knn, rtol=1e-8, atol=1e-7)
+    # latent_lof: scikit-learn's local outlier factor of the codes among the bank's.
+    lof = LocalOutlierFactor(n_neighbors=LOF_NEIGHBORS, novelty=True).fit(bank)
+    np.testing.assert_allclose(rules["latent_lof"], -lof.score_samples(mu.numpy()), rtol=1e-8)
     center, spread = fitted.fusion_center.numpy(), fitted.fusion_spread.numpy()
     standardised = [(s - c) / w
                     for s, c, w in zip((recon, knn, energy), center, spread, strict=True)]
