@@ -203,6 +203,10 @@ class AnomalyScorer(nn.Module):
                 center[i], spread[i] = _median_and_spread(by_rule[rule])
         self.fusion_center, self.fusion_spread = center, spread
 
+    def _distance_block_rows(self) -> int:
+        """Rows whose distances to every bank code fit in one ``DISTANCE_BLOCK``."""
+        return max(1, DISTANCE_BLOCK // max(self.code_bank.shape[0], 1))
+
     def _lof_neighbors(self) -> int:
         return max(1, min(LOF_NEIGHBORS, self.code_bank.shape[0] - 1))
 
@@ -215,7 +219,7 @@ class AnomalyScorer(nn.Module):
             self.bank_density = torch.ones(n_bank, dtype=self.code_bank.dtype)
             return
         with torch.no_grad():
-            rows = max(1, DISTANCE_BLOCK // n_bank)
+            rows = self._distance_block_rows()
             found = [self._nearest_codes(self.code_bank[start:start + rows], k + 1)
                      for start in range(0, n_bank, rows)]
         # the nearest of each code is itself (or a duplicate, at the same distance 0)
@@ -346,7 +350,7 @@ class AnomalyScorer(nn.Module):
         """:meth:`scores` of many rows, ``chunk_rows`` at a time, without autograd, so that
         memory stays bounded whatever the number of rows (and of bank codes)."""
         if set(BANK_RULES) & set(rules):
-            chunk_rows = max(1, min(chunk_rows, DISTANCE_BLOCK // max(self.code_bank.shape[0], 1)))
+            chunk_rows = max(1, min(chunk_rows, self._distance_block_rows()))
         with torch.no_grad():
             chunks = [self.scores(x_raw[start:start + chunk_rows], rules, leave_one_out)
                       # at least one chunk, so that no rows give empty scores, not an error
