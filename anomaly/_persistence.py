@@ -25,7 +25,12 @@ from safetensors.torch import load, save
 
 from anomaly._rules import package_version
 from training import AnomalyScorer, NetworkConfig, build_networks
-from training.scorer import BANK_NEIGHBOURHOOD_BUFFERS, FLOAT64_BUFFERS, MISSING_BUFFERS
+from training.scorer import (
+    BANK_NEIGHBOURHOOD_BUFFERS,
+    FLOAT64_BUFFERS,
+    MISSING_BUFFERS,
+    STANDARDISED_RULES,
+)
 
 # 2: the scorer keeps a bank of training codes and the fused rule's calibration.
 # 3: self-describing networks, a checksum over the whole JSON, content-named weights.
@@ -229,6 +234,8 @@ def load_detector(cls, path: str | Path):
     except RuntimeError as err:  # tensors of other shapes than the configuration says
         raise ValueError(f"{directory}: the weights do not fit the saved network "
                          f"configuration: {err}") from None
+    if scorer.fusion_center.shape[0] < len(STANDARDISED_RULES):  # saved before latent_fused
+        scorer.standardise_added_rules()
     detector.scorer_ = scorer.eval()
     detector.input_shape_ = input_shape
     detector._sample_shape = tuple(fitted["sample_shape"])

@@ -118,13 +118,13 @@ def test_latent_lof_is_scikit_learns_local_outlier_factor_on_the_bank(tabular):
     np.testing.assert_allclose(det.anomaly_score(tabular[:10]),
                                -lof.score_samples(det.encode(tabular[:10])), rtol=1e-9)
 
-def test_fused_rule_standardises_each_rule_by_its_training_spread(tabular):
+def test_fused_rules_standardise_each_rule_by_its_training_spread(tabular):
     import torch
 
     det = _fit(tabular, score_rule="fused")
     scorer = det.scorer_
     by_rule = scorer.scores_in_chunks(torch.from_numpy(tabular), leave_one_out=True)
-    for i, rule in enumerate(("reconstruction", "latent_knn", "energy")):
+    for i, rule in enumerate(("reconstruction", "latent_knn", "energy", "latent_lof")):
         q1, median, q3 = np.percentile(by_rule[rule].numpy(), [25, 50, 75])
         assert scorer.fusion_center[i].item() == pytest.approx(median)
         assert scorer.fusion_spread[i].item() == pytest.approx(q3 - q1)
@@ -370,14 +370,14 @@ def test_bad_parameters(images, params, message):
         LatentEBMDetector(**{**TINY, **params}).fit(X)
 
 
-def test_auto_score_rule_is_latent_lof_for_images_and_fused_for_tables(tabular, images,
-                                                                       tmp_path):
+def test_auto_score_rule_is_latent_fused_for_images_and_fused_for_tables(tabular, images,
+                                                                         tmp_path):
     assert _fit(tabular).score_rule_ == "fused"
     image_model = _fit(images.astype(float))
-    assert image_model.score_rule_ == "latent_lof" and image_model.score_rule == "auto"
+    assert image_model.score_rule_ == "latent_fused" and image_model.score_rule == "auto"
     assert _fit(tabular, score_rule="joint").score_rule_ == "joint"
     loaded = LatentEBMDetector.load(image_model.save(tmp_path / "model"))
-    assert loaded.score_rule_ == "latent_lof"
+    assert loaded.score_rule_ == "latent_fused"
 
 
 def test_anomaly_scores_by_rule_selects_rules_and_refuses_bad_ones(tabular):

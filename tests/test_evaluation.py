@@ -100,7 +100,7 @@ def test_anomaly_scores_by_rule_match_each_rule_s_definition(images):
     det = LatentEBMDetector(**TINY, score_rule="elbo", random_state=0).fit(images)
     rules = det.anomaly_scores_by_rule(images)
     assert set(rules) == {"energy", "joint", "reconstruction", "elbo", "latent_knn",
-                          "latent_lof", "fused"}
+                          "latent_lof", "fused", "latent_fused"}
     np.testing.assert_allclose(rules["elbo"], det.anomaly_score(images))
     # Each rule by its definition, from the networks directly.
     fitted = det.scorer_
@@ -132,6 +132,11 @@ def test_anomaly_scores_by_rule_match_each_rule_s_definition(images):
     assert min(z.min() for z in standardised) < 0
     fused = sum(np.maximum(z, 0.0) for z in standardised)
     np.testing.assert_allclose(rules["fused"], fused, rtol=1e-6, atol=1e-5)
+    # latent_fused: latent_knn and latent_lof, standardised alike (entries 1 and 3)
+    latent = [(s - center[i]) / spread[i] for s, i in ((knn, 1), (rules["latent_lof"], 3))]
+    assert min(z.min() for z in latent) < 0 < max(z.max() for z in latent)
+    np.testing.assert_allclose(rules["latent_fused"], sum(np.maximum(z, 0.0) for z in latent),
+                               rtol=1e-6, atol=1e-5)
 
 
 @pytest.mark.slow

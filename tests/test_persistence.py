@@ -139,3 +139,26 @@ def test_a_model_saved_before_latent_lof_gets_its_banks_neighbourhoods_on_load()
     lof = LocalOutlierFactor(n_neighbors=min(LOF_NEIGHBORS, len(bank) - 1), novelty=True).fit(bank)
     np.testing.assert_allclose(loaded.anomaly_scores_by_rule(probe, ["latent_lof"])["latent_lof"],
                                -lof.score_samples(loaded.encode(probe)), rtol=1e-9)
+
+
+def test_a_model_saved_before_latent_fused_gets_the_bank_statistics_it_needs_on_load(tmp_path):
+    from sklearn.neighbors import LocalOutlierFactor
+
+    from training.scorer import LOF_NEIGHBORS, STANDARDISED_RULES
+
+    loaded = LatentEBMDetector.load(FIXTURES / "model_v3")
+    scorer = loaded.scorer_
+    assert scorer.fusion_center.shape == (len(STANDARDISED_RULES),)
+    bank = scorer.code_bank.numpy()
+    lof = LocalOutlierFactor(n_neighbors=min(LOF_NEIGHBORS, len(bank) - 1)).fit(bank)
+    q1, median, q3 = np.percentile(-lof.negative_outlier_factor_, [25, 50, 75])
+    lof_index = STANDARDISED_RULES.index("latent_lof")
+    assert scorer.fusion_center[lof_index].item() == pytest.approx(median, rel=1e-9)
+    assert scorer.fusion_spread[lof_index].item() == pytest.approx(q3 - q1, rel=1e-9)
+    # and it saves, reloads and scores by the new rule like a model fitted today
+    probe = pd.DataFrame(np.load(FIXTURES / "model_v3_probe.npz")["X"], columns=["a", "b", "c"])
+    before = loaded.anomaly_scores_by_rule(probe, ["latent_fused"])["latent_fused"]
+    again = LatentEBMDetector.load(loaded.save(tmp_path / "model"))
+    np.testing.assert_array_equal(again.scorer_.fusion_center, scorer.fusion_center)
+    np.testing.assert_allclose(again.anomaly_scores_by_rule(probe, ["latent_fused"])
+                               ["latent_fused"], before, rtol=1e-12)

@@ -12,12 +12,21 @@ from torch import nn
 from training import objectives
 from training.networks import Networks
 
-SCORE_RULES = ("fused", "energy", "joint", "reconstruction", "elbo", "latent_knn", "latent_lof")
-# The rules that "fused" adds up, each standardised by its training scores; "energy" only
-# where the model has a critic.
+SCORE_RULES = ("fused", "energy", "joint", "reconstruction", "elbo", "latent_knn", "latent_lof",
+               "latent_fused")
+# Rules whose median and interquartile range on the bank's training rows calibrate() keeps,
+# in the order of the buffers fusion_center and fusion_spread, so that the fused rules can
+# add them up in comparable units.
+STANDARDISED_RULES = ("reconstruction", "latent_knn", "energy", "latent_lof")
+# The rules that "fused" adds up; "energy" only where the model has a critic.
 FUSED_RULES = ("reconstruction", "latent_knn", "energy")
+# The rules that "latent_fused" adds up: how far a code is from the bank's (latent_knn) and
+# how much sparser its neighbourhood is than its neighbours' own (latent_lof). Neither
+# alone wins on both a small bank (load_digits, ~1,400 codes, where the distance is ahead)
+# and a large one (MNIST, 50,000 codes, where the ratio is far ahead; README, ninth round).
+LATENT_FUSED_RULES = ("latent_knn", "latent_lof")
 # Rules that need the bank of training codes, and through it a call of calibrate().
-BANK_RULES = ("fused", "latent_knn", "latent_lof")
+BANK_RULES = ("fused", "latent_knn", "latent_lof", "latent_fused")
 
 # Rows per pass in scores_in_chunks: bounds the float64 activations of the conv nets.
 CHUNK_ROWS = 4096
@@ -101,7 +110,8 @@ class AnomalyScorer(nn.Module):
         Preprocessing learned in fit: ``x_model = (x_raw - shift) / scale``.
     input_shape : tuple of int
         Shape of one preprocessed sample, ``(d,)`` or ``(C, H, W)``.
-    rule : {"fused", "energy", "joint", "reconstruction", "elbo", "latent_knn", "latent_lof"}
+    rule : {"fused", "energy", "joint", "reconstruction", "elbo", "latent_knn", "latent_lof", \
+            "latent_fused"}
         ``energy`` = E(x, mu); ``reconstruction`` = -log p(x | mu);
         ``joint`` = E(x, mu) - log p(x | mu) - log p(mu) (the energy term is dropped for the VAE);
         ``elbo`` = -log p(x | mu) + KL(q(z|x) || p(z));
@@ -118,7 +128,10 @@ class AnomalyScorer(nn.Module):
         none drowns the others by scale alone, and counted only where it says "more anomalous
         than the typical training row". A rule that finds a sample unusually *normal* (the
         reconstruction of a simple digit, an energy inverted on some data) then cannot cancel
-        another rule's evidence against it.
+        another rule's evidence against it;
+        ``latent_fused`` = the same sum over ``LATENT_FUSED_RULES`` (latent_knn and
+        latent_lof): a code counts as anomalous when it is far from the training codes or
+        in a neighbourhood sparser than its neighbours' own.
     decoder_sigma : float
         Standard deviation of p(x|z) used in training.
     code_bank : Tensor of shape (n_bank, latent_dim) or None
@@ -126,9 +139,11 @@ class AnomalyScorer(nn.Module):
         buffers ``bank_k_distance`` and ``bank_density`` ``(n_bank,)``: each bank code's
         distance to its ``LOF_NEIGHBORS``-th nearest other code and its local reachability
         density (computed from ``code_bank`` by :meth:`set_bank_neighbourhoods`).
-    fusion_center, fusion_spread : Tensor of shape (len(FUSED_RULES),) or None
-        Median and interquartile range of each fused rule on the bank's training rows, set by
-        :meth:`calibrate` (an absent energy gets center 0 and spread 1 and is left out).
+    fusion_center, fusion_spread : Tensor of shape (len(STANDARDISED_RULES),) or None
+        Median and interquartile range of each of ``STANDARDISED_RULES`` on the bank's
+        training rows, set by :meth:`calibrate` (an absent energy gets center 0 and spread 1
+        and is left out). Models saved before ``latent_lof`` was standardised hold fewer;
+        :meth:`standardise_added_rules` completes them from the bank.
     calibration_scores : Tensor of shape (n_calibration,) or None
         Sorted anomaly scores of normal rows the networks were not trained on, for
         :meth:`p_values` (set by the estimator's ``calibrate``).
@@ -166,7 +181,7 @@ class AnomalyScorer(nn.Module):
         self.decoder_sigma = float(decoder_sigma)
         self.allows_missing = bool(allows_missing)
         k = networks.encoder.mu.out_features
-        n_fused = len(FUSED_RULES)
+        n_fused = len(STANDARDISED_RULES)
         # Empty until calibrate(); buffers, so that they are saved and exported with the weights.
         self.register_buffer("code_bank", torch.zeros(0, k, dtype=shift.dtype)
                              if code_bank is None else code_bank.clone())
@@ -195,13 +210,36 @@ class AnomalyScorer(nn.Module):
                 self.encode(self.preprocess(x_bank_raw[start:start + CHUNK_ROWS]))[0]
                 for start in range(0, x_bank_raw.shape[0], CHUNK_ROWS)])
             self.set_bank_neighbourhoods()
-            rules = tuple(r for r in FUSED_RULES if r != "energy" or self.energy is not None)
+            rules = tuple(r for r in STANDARDISED_RULES
+                          if r != "energy" or self.energy is not None)
             by_rule = self.scores_in_chunks(x_bank_raw, rules, leave_one_out=True)
-        center, spread = torch.zeros_like(self.fusion_center), torch.ones_like(self.fusion_spread)
-        for i, rule in enumerate(FUSED_RULES):
+        center = torch.zeros(len(STANDARDISED_RULES), dtype=self.fusion_center.dtype)
+        spread = torch.ones_like(center)
+        for i, rule in enumerate(STANDARDISED_RULES):
             if rule in by_rule:
                 center[i], spread[i] = _median_and_spread(by_rule[rule])
         self.fusion_center, self.fusion_spread = center, spread
+
+    def standardise_added_rules(self) -> None:
+        """Extend ``fusion_center`` and ``fusion_spread`` of a model saved with fewer
+        ``STANDARDISED_RULES`` by the median and interquartile range of the rules it lacks.
+        Those are code-space rules (latent_lof), whose bank-row scores follow from the saved
+        bank alone: each code scored without itself as a neighbour, as calibrate() does."""
+        known = self.fusion_center.shape[0]
+        center, spread = self.fusion_center.tolist(), self.fusion_spread.tolist()
+        n_bank, rows = self.code_bank.shape[0], self._distance_block_rows()
+        for rule in STANDARDISED_RULES[known:]:
+            if n_bank == 0:
+                center.append(0.0), spread.append(1.0)
+                continue
+            with torch.no_grad():
+                scores = torch.cat([getattr(self, rule)(self.code_bank[start:start + rows],
+                                                        leave_one_out=True)
+                                    for start in range(0, n_bank, rows)])
+            median, iqr = _median_and_spread(scores)
+            center.append(median), spread.append(iqr)
+        self.fusion_center = torch.tensor(center, dtype=self.fusion_center.dtype)
+        self.fusion_spread = torch.tensor(spread, dtype=self.fusion_spread.dtype)
 
     def _distance_block_rows(self) -> int:
         """Rows whose distances to every bank code fit in one ``DISTANCE_BLOCK``."""
@@ -396,6 +434,12 @@ class AnomalyScorer(nn.Module):
         reach = torch.maximum(distances, self.bank_k_distance[index])      # (n, neighbours)
         return self.bank_density[index].mean(1) * (reach.mean(1) + DENSITY_EPS)
 
+    def _above_typical(self, rule: str, score: torch.Tensor) -> torch.Tensor:
+        """``score`` ``(n,)`` of a standardised rule in units of its training spread above
+        its training median, 0 below it."""
+        i = STANDARDISED_RULES.index(rule)
+        return torch.clamp((score - self.fusion_center[i]) / self.fusion_spread[i], min=0.0)
+
     def normal_counterpart(self, x: torch.Tensor) -> torch.Tensor:
         """What the model would draw in place of ``x`` ``(n, *input_shape)`` (model space) if
         it were normal, same shape: the reconstruction, re-encoded ``ATTRIBUTION_ROUNDS``
@@ -449,7 +493,8 @@ class AnomalyScorer(nn.Module):
             if self.rule in BANK_RULES and set(BANK_RULES) & set(rules):
                 raise RuntimeError(f"score rule {self.rule!r} needs calibrate() first")
             rules = tuple(r for r in rules if r not in BANK_RULES)
-        needed = set(rules) | (set(FUSED_RULES) if "fused" in rules else set())
+        needed = (set(rules) | (set(FUSED_RULES) if "fused" in rules else set())
+                  | (set(LATENT_FUSED_RULES) if "latent_fused" in rules else set()))
         # Preprocessing and the score's sums run in the dtype of the input and of shift/scale;
         # the networks in their own. A float32 network (the ONNX export) under float64 input
         # then loses precision only inside the networks, not in the large sums.
@@ -477,11 +522,10 @@ class AnomalyScorer(nn.Module):
         for rule in rules:
             if rule in components:
                 out[rule] = components[rule]
-            elif rule == "fused":
-                out[rule] = sum(torch.clamp((components[name] - self.fusion_center[i])
-                                            / self.fusion_spread[i], min=0.0)
-                                for i, name in enumerate(FUSED_RULES)
-                                if components[name] is not None)
+            elif rule in ("fused", "latent_fused"):
+                parts = FUSED_RULES if rule == "fused" else LATENT_FUSED_RULES
+                out[rule] = sum(self._above_typical(name, components[name])
+                                for name in parts if components[name] is not None)
             elif rule == "elbo":
                 out[rule] = recon + objectives.kl_to_prior(mu, logvar.to(x.dtype))
             else:
