@@ -184,9 +184,10 @@ def reconstruction_and_inpainting_suite(
 
 def digits_suite(out: Path, *, classes, seeds, methods, options, verbose=True) -> ResultLog:
     """load_digits held out digit by digit; our methods see the rows as the 8x8 images they
-    are (conv networks), as in every image suite, and the peers see flat pixel rows."""
+    are (conv networks), as in every image suite, and the peers see flat pixel rows. An
+    ``image_shape`` in ``options.detector_params`` wins (None: our models on flat rows too)."""
     X, y = datasets.digits()
-    if options.image_shape is None:
+    if options.image_shape is None and "image_shape" not in options.detector_params:
         options = dataclasses.replace(options, image_shape=tuple(X.shape[1:]))
     log = ResultLog(Path(out) / "digits.csv")
     held_out_class_suite(X, y, dataset="digits", classes=classes, seeds=seeds, methods=methods,

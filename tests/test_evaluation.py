@@ -230,3 +230,19 @@ def test_scale_fit_suite_measures_streamed_and_in_memory_fits(tmp_path):
     assert sorted(zip(table["rows"], table["mode"], strict=True)) == [
         (2000, "in memory"), (2000, "streamed"), (5000, "in memory"), (5000, "streamed")]
     assert (table["peak_rss_mb"] > 0).all() and (table["training_seconds"] > 0).all()
+
+
+def test_digits_suite_gives_our_models_images_unless_the_detector_params_say_otherwise(
+        tmp_path, monkeypatch):
+    import evaluation.suites as suites
+    from evaluation.methods import _ours
+
+    seen = []
+    monkeypatch.setattr(suites, "held_out_class_suite",
+                        lambda X, y, **kwargs: seen.append(kwargs["options"]))
+    for options in (MethodOptions(), MethodOptions(detector_params={"image_shape": None})):
+        suites.digits_suite(tmp_path, classes=[0], seeds=[0], methods=["triangle"],
+                            options=options, verbose=False)
+    images, flat = seen
+    assert _ours("triangle", 0, images).image_shape == (8, 8)
+    assert _ours("triangle", 0, flat).image_shape is None
