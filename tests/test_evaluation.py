@@ -127,7 +127,7 @@ def test_anomaly_scores_by_rule_match_each_rule_s_definition(images):
     np.testing.assert_allclose(rules["latent_lof"], -lof.score_samples(mu.numpy()), rtol=1e-8)
     center, spread = fitted.fusion_center.numpy(), fitted.fusion_spread.numpy()
     standardised = [(s - c) / w
-                    for s, c, w in zip((recon, knn, energy), center, spread, strict=True)]
+                    for s, c, w in zip((recon, knn, energy), center[:3], spread[:3], strict=True)]
     # Some rows are more normal than the median under some rule: the cut at 0 is exercised.
     assert min(z.min() for z in standardised) < 0
     fused = sum(np.maximum(z, 0.0) for z in standardised)
