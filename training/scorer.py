@@ -229,15 +229,15 @@ class AnomalyScorer(nn.Module):
         center, spread = self.fusion_center.tolist(), self.fusion_spread.tolist()
         n_bank, rows = self.code_bank.shape[0], self._distance_block_rows()
         for rule in STANDARDISED_RULES[known:]:
-            if n_bank == 0:
-                center.append(0.0), spread.append(1.0)
-                continue
-            with torch.no_grad():
-                scores = torch.cat([getattr(self, rule)(self.code_bank[start:start + rows],
-                                                        leave_one_out=True)
-                                    for start in range(0, n_bank, rows)])
-            median, iqr = _median_and_spread(scores)
-            center.append(median), spread.append(iqr)
+            median, iqr = 0.0, 1.0  # an uncalibrated model: no bank rule can score anyway
+            if n_bank > 0:
+                with torch.no_grad():
+                    scores = torch.cat([getattr(self, rule)(self.code_bank[start:start + rows],
+                                                            leave_one_out=True)
+                                        for start in range(0, n_bank, rows)])
+                median, iqr = _median_and_spread(scores)
+            center.append(median)
+            spread.append(iqr)
         self.fusion_center = torch.tensor(center, dtype=self.fusion_center.dtype)
         self.fusion_spread = torch.tensor(spread, dtype=self.fusion_spread.dtype)
 
