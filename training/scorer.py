@@ -25,6 +25,8 @@ FUSED_RULES = ("reconstruction", "latent_knn", "energy")
 # alone wins on both a small bank (load_digits, ~1,400 codes, where the distance is ahead)
 # and a large one (MNIST, 50,000 codes, where the ratio is far ahead; README, ninth round).
 LATENT_FUSED_RULES = ("latent_knn", "latent_lof")
+# Each summed rule and the standardised rules it adds up.
+SUMMED_RULES = {"fused": FUSED_RULES, "latent_fused": LATENT_FUSED_RULES}
 # Rules that need the bank of training codes, and through it a call of calibrate().
 BANK_RULES = ("fused", "latent_knn", "latent_lof", "latent_fused")
 
@@ -493,8 +495,7 @@ class AnomalyScorer(nn.Module):
             if self.rule in BANK_RULES and set(BANK_RULES) & set(rules):
                 raise RuntimeError(f"score rule {self.rule!r} needs calibrate() first")
             rules = tuple(r for r in rules if r not in BANK_RULES)
-        needed = (set(rules) | (set(FUSED_RULES) if "fused" in rules else set())
-                  | (set(LATENT_FUSED_RULES) if "latent_fused" in rules else set()))
+        needed = set(rules).union(*(SUMMED_RULES.get(rule, ()) for rule in rules))
         # Preprocessing and the score's sums run in the dtype of the input and of shift/scale;
         # the networks in their own. A float32 network (the ONNX export) under float64 input
         # then loses precision only inside the networks, not in the large sums.
@@ -522,10 +523,9 @@ class AnomalyScorer(nn.Module):
         for rule in rules:
             if rule in components:
                 out[rule] = components[rule]
-            elif rule in ("fused", "latent_fused"):
-                parts = FUSED_RULES if rule == "fused" else LATENT_FUSED_RULES
+            elif rule in SUMMED_RULES:
                 out[rule] = sum(self._above_typical(name, components[name])
-                                for name in parts if components[name] is not None)
+                                for name in SUMMED_RULES[rule] if components[name] is not None)
             elif rule == "elbo":
                 out[rule] = recon + objectives.kl_to_prior(mu, logvar.to(x.dtype))
             else:
