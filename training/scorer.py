@@ -417,24 +417,43 @@ class AnomalyScorer(nn.Module):
         squared = torch.where(squared < 1e-10 * norms, torch.zeros_like(squared), squared)
         return squared.sqrt(), index
 
-    def latent_knn(self, mu: torch.Tensor, leave_one_out: bool = False) -> torch.Tensor:
-        """Mean Euclidean distance from each code ``(n, k)`` to its nearest codes in the bank,
-        ``(n,)``; ``leave_one_out`` skips the nearest one (for rows that are in the bank)."""
+    def code_scores(self, mu: torch.Tensor, rules: tuple[str, ...],
+                    leave_one_out: bool = False) -> dict[str, torch.Tensor]:
+        """Scores ``(n,)`` of the codes ``mu`` ``(n, k)`` under the bank rules among
+        ``rules`` (``latent_knn``, ``latent_lof``), from one search of the bank: its nearest
+        codes come sorted, so the ``N_NEIGHBORS`` nearest are the first of the
+        ``LOF_NEIGHBORS`` nearest and one search serves both (the search is most of the cost
+        of scoring against a large bank). ``leave_one_out`` skips the nearest code, for rows
+        that are in the bank.
+
+        ``latent_knn`` = mean Euclidean distance to the nearest codes. ``latent_lof`` = the
+        local outlier factor among the bank's codes, as scikit-learn's
+        ``LocalOutlierFactor(novelty=True)`` fitted on the bank scores it (negated: higher =
+        more anomalous)."""
         n_bank = self.code_bank.shape[0]
         skip = int(leave_one_out and n_bank > 1)
-        distances, _ = self._nearest_codes(mu, min(N_NEIGHBORS + skip, n_bank))
-        return distances[:, skip:].mean(1)
+        n_knn = min(N_NEIGHBORS, n_bank - skip) if "latent_knn" in rules else 0
+        n_lof = self._lof_neighbors() if "latent_lof" in rules else 0
+        if n_knn == n_lof == 0:
+            return {}
+        distances, index = self._nearest_codes(mu, max(n_knn, n_lof) + skip)
+        distances, index = distances[:, skip:], index[:, skip:]   # (n, max(n_knn, n_lof))
+        out = {}
+        if n_knn:
+            out["latent_knn"] = distances[:, :n_knn].mean(1)
+        if n_lof:
+            distances, index = distances[:, :n_lof], index[:, :n_lof]
+            reach = torch.maximum(distances, self.bank_k_distance[index])
+            out["latent_lof"] = self.bank_density[index].mean(1) * (reach.mean(1) + DENSITY_EPS)
+        return out
+
+    def latent_knn(self, mu: torch.Tensor, leave_one_out: bool = False) -> torch.Tensor:
+        """The ``latent_knn`` score ``(n,)`` of codes ``(n, k)`` (see :meth:`code_scores`)."""
+        return self.code_scores(mu, ("latent_knn",), leave_one_out)["latent_knn"]
 
     def latent_lof(self, mu: torch.Tensor, leave_one_out: bool = False) -> torch.Tensor:
-        """Local outlier factor ``(n,)`` of each code ``(n, k)`` among the bank's, as
-        scikit-learn's ``LocalOutlierFactor(novelty=True)`` fitted on the bank scores it
-        (negated: higher = more anomalous); ``leave_one_out`` skips the nearest code (for
-        rows that are in the bank, giving the bank's own outlier factors)."""
-        skip = int(leave_one_out and self.code_bank.shape[0] > 1)
-        distances, index = self._nearest_codes(mu, self._lof_neighbors() + skip)
-        distances, index = distances[:, skip:], index[:, skip:]
-        reach = torch.maximum(distances, self.bank_k_distance[index])      # (n, neighbours)
-        return self.bank_density[index].mean(1) * (reach.mean(1) + DENSITY_EPS)
+        """The ``latent_lof`` score ``(n,)`` of codes ``(n, k)`` (see :meth:`code_scores`)."""
+        return self.code_scores(mu, ("latent_lof",), leave_one_out)["latent_lof"]
 
     def _above_typical(self, rule: str, score: torch.Tensor) -> torch.Tensor:
         """``score`` ``(n,)`` of a standardised rule in units of its training spread above
@@ -503,7 +522,7 @@ class AnomalyScorer(nn.Module):
         x_net = x.to(self.encoder.mu.weight.dtype)
         mu_net, logvar = self.encoder(x_net)                           # (n, k) each
         mu = mu_net.to(x.dtype)
-        energy = recon = knn = None
+        energy = recon = None
         if self.energy is not None and {"energy", "joint"} & needed:
             energy = self.energy(x_net, mu_net).to(x.dtype)            # (n,)
         if {"joint", "reconstruction", "elbo"} & needed:
@@ -514,11 +533,8 @@ class AnomalyScorer(nn.Module):
                 # gains nor loses reconstruction error by having fewer entries
                 n_entries = observed[0].numel()
                 recon = recon * (n_entries / observed.flatten(1).sum(1).to(x.dtype))
-        if "latent_knn" in needed:
-            knn = self.latent_knn(mu, leave_one_out)
-        components = {"energy": energy, "reconstruction": recon, "latent_knn": knn}
-        if "latent_lof" in needed:
-            components["latent_lof"] = self.latent_lof(mu, leave_one_out)
+        components = {"energy": energy, "reconstruction": recon, "latent_knn": None,
+                      **self.code_scores(mu, tuple(needed), leave_one_out)}
         out = {}
         for rule in rules:
             if rule in components:
