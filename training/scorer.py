@@ -229,14 +229,12 @@ class AnomalyScorer(nn.Module):
         bank alone: each code scored without itself as a neighbour, as calibrate() does."""
         known = self.fusion_center.shape[0]
         center, spread = self.fusion_center.tolist(), self.fusion_spread.tolist()
-        n_bank, rows = self.code_bank.shape[0], self._distance_block_rows()
         for rule in STANDARDISED_RULES[known:]:
             median, iqr = 0.0, 1.0  # an uncalibrated model: no bank rule can score anyway
-            if n_bank > 0:
+            if self.code_bank.shape[0] > 0:
                 with torch.no_grad():
-                    scores = torch.cat([getattr(self, rule)(self.code_bank[start:start + rows],
-                                                            leave_one_out=True)
-                                        for start in range(0, n_bank, rows)])
+                    scores = torch.cat([self.code_scores(block, (rule,), leave_one_out=True)[rule]
+                                        for block in self._bank_blocks()])
                 median, iqr = _median_and_spread(scores)
             center.append(median)
             spread.append(iqr)
@@ -246,6 +244,12 @@ class AnomalyScorer(nn.Module):
     def _distance_block_rows(self) -> int:
         """Rows whose distances to every bank code fit in one ``DISTANCE_BLOCK``."""
         return max(1, DISTANCE_BLOCK // max(self.code_bank.shape[0], 1))
+
+    def _bank_blocks(self) -> list[torch.Tensor]:
+        """The bank's codes in consecutive blocks of ``_distance_block_rows`` rows, for
+        scoring the bank against itself without one (n_bank, n_bank) distance matrix."""
+        rows = self._distance_block_rows()
+        return list(torch.split(self.code_bank, rows))
 
     def _lof_neighbors(self) -> int:
         return max(1, min(LOF_NEIGHBORS, self.code_bank.shape[0] - 1))
@@ -259,9 +263,7 @@ class AnomalyScorer(nn.Module):
             self.bank_density = torch.ones(n_bank, dtype=self.code_bank.dtype)
             return
         with torch.no_grad():
-            rows = self._distance_block_rows()
-            found = [self._nearest_codes(self.code_bank[start:start + rows], k + 1)
-                     for start in range(0, n_bank, rows)]
+            found = [self._nearest_codes(block, k + 1) for block in self._bank_blocks()]
         # the nearest of each code is itself (or a duplicate, at the same distance 0)
         distances = torch.cat([d for d, _ in found])[:, 1:]                 # (n_bank, k)
         index = torch.cat([i for _, i in found])[:, 1:]
