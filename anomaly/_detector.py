@@ -488,7 +488,8 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
         resume : bool, default=False
             Continue from the checkpoint in ``checkpoint_dir`` when there is one (otherwise
             start afresh, so the same call can simply be rerun after a kill). A resumed fit
-            ends with the same model as an uninterrupted one on the same device. A checkpoint
+            ends with the same model as an uninterrupted one on the same device and number
+            of torch threads (other thread counts round differently, to about 1e-8). A checkpoint
             of other data or other parameters is refused.
         checkpoint_every : int, default=1
             Epochs between checkpoints.
