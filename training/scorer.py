@@ -245,11 +245,10 @@ class AnomalyScorer(nn.Module):
         """Rows whose distances to every bank code fit in one ``DISTANCE_BLOCK``."""
         return max(1, DISTANCE_BLOCK // max(self.code_bank.shape[0], 1))
 
-    def _bank_blocks(self) -> list[torch.Tensor]:
+    def _bank_blocks(self) -> tuple[torch.Tensor, ...]:
         """The bank's codes in consecutive blocks of ``_distance_block_rows`` rows, for
         scoring the bank against itself without one (n_bank, n_bank) distance matrix."""
-        rows = self._distance_block_rows()
-        return list(torch.split(self.code_bank, rows))
+        return torch.split(self.code_bank, self._distance_block_rows())
 
     def _lof_neighbors(self) -> int:
         return max(1, min(LOF_NEIGHBORS, self.code_bank.shape[0] - 1))
@@ -535,7 +534,7 @@ class AnomalyScorer(nn.Module):
                 # gains nor loses reconstruction error by having fewer entries
                 n_entries = observed[0].numel()
                 recon = recon * (n_entries / observed.flatten(1).sum(1).to(x.dtype))
-        components = {"energy": energy, "reconstruction": recon, "latent_knn": None,
+        components = {"energy": energy, "reconstruction": recon,
                       **self.code_scores(mu, tuple(needed), leave_one_out)}
         out = {}
         for rule in rules:
@@ -543,7 +542,8 @@ class AnomalyScorer(nn.Module):
                 out[rule] = components[rule]
             elif rule in SUMMED_RULES:
                 out[rule] = sum(self._above_typical(name, components[name])
-                                for name in SUMMED_RULES[rule] if components[name] is not None)
+                                for name in SUMMED_RULES[rule]
+                                if components.get(name) is not None)
             elif rule == "elbo":
                 out[rule] = recon + objectives.kl_to_prior(mu, logvar.to(x.dtype))
             else:
