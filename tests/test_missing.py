@@ -103,6 +103,20 @@ def test_missing_rate_calibration_keeps_normal_rows_where_complete_ones_are(mask
     np.testing.assert_array_equal(det.score_samples(rows[:20]), uncalibrated_complete)
 
 
+def test_missing_rate_calibration_brings_each_row_to_an_exact_rate():
+    # Rows that arrive incomplete (30% missing, 6 columns) are each brought to exactly k of 6
+    # missing entries; a rate that fewer than a fifth of them can reach (k = 0: about 12% of
+    # the rows are complete) is skipped, so the lowest rate kept is the reference.
+    rows = _holes(TABLE, 0.3)
+    scorer = LatentEBMDetector(**FIT, missing="mask", random_state=0).fit(rows).scorer_
+    counts = scorer.missing_rates.numpy() * TABLE.shape[1]
+    np.testing.assert_allclose(counts, [1, 2, 3, 4, 5])
+    # from complete rows every rate is reachable, and 0 is the reference
+    complete = LatentEBMDetector(**FIT, missing="mask", random_state=0).fit(TABLE).scorer_
+    np.testing.assert_allclose(complete.missing_rates.numpy() * TABLE.shape[1],
+                               [0, 1, 2, 3, 4, 5])
+
+
 def test_images_with_missing_pixels(images):
     occluded = _holes(images, 0.3)
     det = LatentEBMDetector(**TINY, missing="mask", random_state=0).fit(occluded)

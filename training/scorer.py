@@ -75,6 +75,9 @@ MISSING_QUANTILES = (0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0
 # Rows per rate: more are subsampled; fewer are repeated, each copy with its own entries
 # removed, so that the map's tail quantiles do not rest on a single draw per row.
 MISSING_CALIBRATION_ROWS = 2000
+# Least share of those rows that must reach a rate (not missing more already) for the rate
+# to be calibrated: fewer would leave its tail quantiles on a handful of rows.
+MIN_ROWS_PER_MISSING_RATE = 0.2
 
 
 def _median_and_spread(scores: torch.Tensor) -> tuple[float, float]:
@@ -273,12 +276,15 @@ class AnomalyScorer(nn.Module):
     def calibrate_missing_rates(self, x_bank_raw: torch.Tensor, seed: int = 0,
                                 in_bank: bool = True) -> None:
         """Measure how each rule's scores of normal rows ``x_bank_raw`` move when entries
-        are missing: at each of ``CALIBRATION_MISSING_RATES``, remove that fraction of the
-        entries of (at most ``MISSING_CALIBRATION_ROWS`` of) the rows at random, and store
-        the ``MISSING_QUANTILES`` of every rule's scores (fewer rows are repeated, with fresh
-        removals). :meth:`scores` then maps the score of a row with missing entries from its
-        rate's quantiles onto those of complete rows, so that a normal row is as likely to
-        pass a threshold whatever its missing rate.
+        are missing: at each of ``CALIBRATION_MISSING_RATES``, bring every row (of at most
+        ``MISSING_CALIBRATION_ROWS``; fewer are repeated, with fresh removals) to exactly
+        that share of missing entries by removing observed ones at random, and store the
+        ``MISSING_QUANTILES`` of every rule's scores. :meth:`scores` then maps the score of a
+        row with missing entries from its rate's quantiles onto those of the lowest rate,
+        so that a normal row is as likely to pass a threshold whatever its missing rate.
+        Rows that already miss more than a rate's share are left out of that rate, and a
+        rate that fewer than ``MIN_ROWS_PER_MISSING_RATE`` of the rows reach is skipped: on
+        rows that arrive incomplete the lowest rate kept is then the reference.
         Without missing entries a score is unchanged. ``in_bank``: the rows are the code
         bank's (training rows, each scored without its own code as a neighbour); False for
         rows the networks did not see (calibration rows)."""
@@ -286,7 +292,7 @@ class AnomalyScorer(nn.Module):
             raise ValueError("calibrate_missing_rates needs a scorer that allows missing "
                              "entries")
         generator = torch.Generator().manual_seed(seed)
-        n_rows = x_bank_raw.shape[0]
+        n_rows, n_features = x_bank_raw.shape
         if n_rows > MISSING_CALIBRATION_ROWS:
             keep = torch.randperm(n_rows, generator=generator)
             x_bank_raw = x_bank_raw[keep[:MISSING_CALIBRATION_ROWS]]
@@ -295,24 +301,36 @@ class AnomalyScorer(nn.Module):
         rules = tuple(r for r in SCORE_RULES if r != "energy" or self.energy is not None)
         self.missing_rates = torch.zeros(0, dtype=self.shift.dtype)  # raw scores below
         levels = torch.tensor(MISSING_QUANTILES, dtype=self.shift.dtype)
+        already_missing = torch.isnan(x_bank_raw)                           # (n, d)
+        n_missing = already_missing.sum(1)                                  # (n,)
+        # every row keeps at least one entry, as scoring requires
+        targets = sorted({min(round(rate * n_features), n_features - 1)
+                          for rate in CALIBRATION_MISSING_RATES})
         rates, quantiles = [], []
-        for rate in CALIBRATION_MISSING_RATES:
-            removed = torch.rand(x_bank_raw.shape, generator=generator) < rate
-            # every row keeps at least one entry, as scoring requires: a row that would
-            # lose its last one keeps its first observed entry
-            emptied = (removed | torch.isnan(x_bank_raw)).all(1)
-            first_observed = (~torch.isnan(x_bank_raw)).to(torch.int8).argmax(1)
-            removed[emptied, first_observed[emptied]] = False
-            x_masked = torch.where(removed, torch.full_like(x_bank_raw, torch.nan), x_bank_raw)
-            observed = ~torch.isnan(x_masked)
+        for target in targets:
+            # An exact count per row, not a coin per entry: a test row's map is chosen by its
+            # own rate, and a rate's quantiles mixing rows of other rates would be wider than
+            # its rows' (normal rows of a model trained with 30% missing and scored at 50%
+            # were flagged a fifth less often than complete ones).
+            eligible = n_missing <= target
+            if eligible.sum() < MIN_ROWS_PER_MISSING_RATE * x_bank_raw.shape[0]:
+                continue
+            rows, missing = x_bank_raw[eligible], already_missing[eligible]
+            # the observed entries in random order (missing ones last); remove the first few
+            priority = torch.rand(rows.shape, generator=generator, dtype=rows.dtype)
+            rank = priority.masked_fill(missing, 2.0).argsort(1).argsort(1)
+            removed = (rank < (target - n_missing[eligible])[:, None]) & ~missing
+            x_masked = torch.where(removed, torch.full_like(rows, torch.nan), rows)
             by_rule = self.scores_in_chunks(x_masked, rules, leave_one_out=in_bank)
             # a rule the model does not have keeps the identity map (equal quantiles)
             at_rate = levels[:, None].repeat(1, len(SCORE_RULES))
             for i, rule in enumerate(SCORE_RULES):
                 if rule in by_rule:
                     at_rate[:, i] = torch.quantile(by_rule[rule], levels)
-            rates.append(1.0 - observed.to(self.shift.dtype).mean())
+            rates.append(torch.tensor(target / n_features, dtype=self.shift.dtype))
             quantiles.append(at_rate)
+        if len(rates) == 1:  # one feature, or rows all missing nearly everything: identity
+            rates, quantiles = rates * 2, quantiles * 2
         self.missing_quantiles = torch.stack(quantiles)
         self.missing_rates = torch.stack(rates)
 
