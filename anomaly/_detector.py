@@ -238,22 +238,23 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
         Fraction of each minibatch, the rows reconstructed worst, left out of the losses'
         data terms, so that anomalies in unlabelled training data are not learnt as normal
         (ADBench's training splits hold 1-30% anomalies); 0 trains on every row.
-    update_order : {"alternating", "simultaneous"}, default="alternating"
-        ``"alternating"`` is the authors' order: the critic's step, then the encoder and
-        generator against the updated critic. ``"simultaneous"`` computes all three losses from
-        one critic pass and steps the three networks together (faster per step; see the
-        README's throughput table).
+    update_order : {"alternating", "simultaneous"}, default="simultaneous"
+        ``"simultaneous"`` computes all three losses from one critic pass and steps the three
+        networks together. ``"alternating"`` is the authors' order: the critic's step, then
+        the encoder and generator against the updated critic (slower per step, no more
+        accurate in the README's paired tables).
     critic_every : int, default=1
-        Update the critic on every k-th minibatch only (alternating order); the encoder and
-        generator move on every minibatch.
+        Update the critic on every k-th minibatch only; needs
+        ``update_order="alternating"``. The encoder and generator move on every minibatch.
     training_precision : {"float32", "bfloat16"}, default="float32"
         ``"bfloat16"`` runs training's forward passes under bfloat16 autocast (fast on CPUs
         with AMX or AVX-512 BF16 and on recent GPUs); parameters, optimiser state and scoring
         stay in full precision.
-    model_pairs_fraction : float in (0, 1], default=1.0
+    model_pairs_fraction : float in (0, 1], default=0.25
         Model pairs (g(z_p), z_p) drawn per minibatch, as a fraction of its rows: fewer
         make a triangle step cheaper (the generator's second pass and the critic's passes
-        over those pairs are most of its extra cost over a VAE step).
+        over those pairs are most of its extra cost over a VAE step). 1.0 with
+        ``update_order="alternating"`` is the authors' training step.
     missing : {"error", "mask"}, default="error"
         What NaN entries (missing values) mean. ``"error"`` refuses them in ``fit`` and in
         scoring. ``"mask"`` learns and scores with them left out, as the divergence triangle
@@ -369,10 +370,10 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
         calibration: float | None = None,
         critic_negatives: Sequence[str] = (),
         trim_fraction: float = 0.05,
-        update_order: str = "alternating",
+        update_order: str = "simultaneous",
         critic_every: int = 1,
         training_precision: str = "float32",
-        model_pairs_fraction: float = 1.0,
+        model_pairs_fraction: float = 0.25,
         missing: str = "error",
         bank_size: int = 50_000,
         device: str = "auto",
