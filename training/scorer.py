@@ -77,7 +77,7 @@ MISSING_QUANTILES = (0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0
 MISSING_CALIBRATION_ROWS = 2000
 # Least share of those rows that must reach a rate (not missing more already) for the rate
 # to be calibrated: fewer would leave its tail quantiles on a handful of rows.
-MIN_ROWS_PER_MISSING_RATE = 0.2
+MIN_SHARE_REACHING_A_RATE = 0.2
 
 
 def _median_and_spread(scores: torch.Tensor) -> tuple[float, float]:
@@ -283,7 +283,7 @@ class AnomalyScorer(nn.Module):
         row with missing entries from its rate's quantiles onto those of the lowest rate,
         so that a normal row is as likely to pass a threshold whatever its missing rate.
         Rows that already miss more than a rate's share are left out of that rate, and a
-        rate that fewer than ``MIN_ROWS_PER_MISSING_RATE`` of the rows reach is skipped: on
+        rate that fewer than ``MIN_SHARE_REACHING_A_RATE`` of the rows reach is skipped: on
         rows that arrive incomplete the lowest rate kept is then the reference.
         Without missing entries a score is unchanged. ``in_bank``: the rows are the code
         bank's (training rows, each scored without its own code as a neighbour); False for
@@ -313,7 +313,7 @@ class AnomalyScorer(nn.Module):
             # its rows' (normal rows of a model trained with 30% missing and scored at 50%
             # were flagged a fifth less often than complete ones).
             eligible = n_missing <= target
-            if eligible.sum() < MIN_ROWS_PER_MISSING_RATE * x_bank_raw.shape[0]:
+            if eligible.sum() < MIN_SHARE_REACHING_A_RATE * x_bank_raw.shape[0]:
                 continue
             rows, missing = x_bank_raw[eligible], already_missing[eligible]
             # the observed entries in random order (missing ones last); remove the first few
