@@ -307,10 +307,13 @@ def _spark(run: Run) -> Report:
 
 
 def _scale(run: Run) -> Report:
+    from evaluation.results import ResultLog
     from evaluation.scale import scoring_memory
 
-    table = scoring_memory(run.args.rows or (1_000_000, 3_000_000, 10_000_000))
-    return Report({"scoring_memory": table.set_index(["rows", "mode"])}, digits=1)
+    log = ResultLog(run.out / "scores.csv")
+    table = scoring_memory(log, run.args.rows or (1_000_000, 3_000_000, 10_000_000))
+    return Report({"scoring_memory": table.set_index(["rows", "mode"])}, results=log.path,
+                  digits=1)
 
 
 def _distributed(run: Run) -> Report:

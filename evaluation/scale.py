@@ -1,5 +1,5 @@
-"""Peak memory and wall time of ``divtri score`` as the file grows, against scoring the same
-rows held in memory.
+"""Peak memory and wall time of ``divtri score`` and ``divtri fit`` as the file grows,
+against scoring or fitting the same rows held in memory.
 
 Each measurement runs in its own Python process, so that its peak resident set size
 (``ru_maxrss``) is its own. The synthetic parquet files are written batch by batch into a
@@ -85,32 +85,47 @@ def _measure(script: str, model: Path, data: Path, out: Path) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def scoring_memory(row_counts: Sequence[int] = (1_000_000, 3_000_000, 10_000_000), *,
+def scoring_memory(log, row_counts: Sequence[int] = (1_000_000, 3_000_000, 10_000_000), *,
                    epochs: int = 3, in_memory_up_to: int = 10_000_000) -> pd.DataFrame:
     """One row per (rows, mode): ``streamed`` is ``divtri score`` (an ONNX model, parquet in,
     CSV out); ``in memory`` reads the whole file with pandas and scores it in one call.
-    The model is the default detector fitted on 5,000 rows of the same distribution."""
+    The model is the default detector fitted on 5,000 rows of the same distribution (seeded,
+    so a resumed run scores with the same model). Each measurement is appended to ``log``
+    (an :class:`evaluation.results.ResultLog`) as it finishes, and a rerun skips those
+    already there."""
     from anomaly import LatentEBMDetector
 
-    rows = []
+    def todo(n_rows: int) -> list[tuple[str, str]]:
+        modes = [("streamed", _STREAMED)]
+        if n_rows <= in_memory_up_to:
+            modes.append(("in memory", _IN_MEMORY))
+        return [(mode, script) for mode, script in modes
+                if not log.done(dataset="synthetic", target=n_rows, seed=0, method=mode)]
+
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        X = np.random.RandomState(1).normal(size=(5000, N_FEATURES))
-        model = LatentEBMDetector(epochs=epochs, random_state=0).fit(X).to_onnx(
-            work / "model.onnx")
+        model = None
         for n_rows in row_counts:
+            measurements = todo(n_rows)
+            if not measurements:
+                continue
+            if model is None:
+                X = np.random.RandomState(1).normal(size=(5000, N_FEATURES))
+                model = LatentEBMDetector(epochs=epochs, random_state=0).fit(X).to_onnx(
+                    work / "model.onnx")
             data = work / f"rows_{n_rows}.parquet"
             write_synthetic_parquet(data, n_rows)
-            file_mb = data.stat().st_size / 2**20
-            modes = [("streamed", _STREAMED)]
-            if n_rows <= in_memory_up_to:
-                modes.append(("in memory", _IN_MEMORY))
-            for mode, script in modes:
+            for mode, script in measurements:
                 result = _measure(script, model, data, work / "scores.csv")
-                rows.append({"rows": n_rows, "mode": mode, "file_mb": round(file_mb, 1),
-                             **result, "rows_per_second": result["rows"] / result["seconds"]})
+                scored = result.pop("rows")
+                if scored != n_rows:
+                    raise RuntimeError(f"{mode} scoring returned {scored} scores for "
+                                       f"{n_rows} rows")
+                log.append({"dataset": "synthetic", "target": n_rows, "seed": 0,
+                            "method": mode, "file_mb": round(data.stat().st_size / 2**20, 1),
+                            **result, "rows_per_second": n_rows / result["seconds"]})
             data.unlink()
-    return pd.DataFrame(rows)
+    return _measurements(log, row_counts)
 
 
 def training_memory(log, row_counts: Sequence[int] = (1_000_000, 3_000_000, 10_000_000), *,
@@ -142,6 +157,11 @@ def training_memory(log, row_counts: Sequence[int] = (1_000_000, 3_000_000, 10_0
                             "method": mode, "file_mb": round(data.stat().st_size / 2**20, 1),
                             **result})
             data.unlink()
+    return _measurements(log, row_counts)
+
+
+def _measurements(log, row_counts: Sequence[int]) -> pd.DataFrame:
+    """The log's rows for ``row_counts``, keyed by rows and mode."""
     frame = log.frame()
     frame = frame[frame["target"].isin(list(row_counts))]
     return (frame.rename(columns={"target": "rows", "method": "mode"})

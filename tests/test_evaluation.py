@@ -210,10 +210,17 @@ def test_throughput_table_counts_the_flops_each_lever_saves():
 
 
 @pytest.mark.slow
-def test_scale_suite_measures_streamed_and_in_memory_scoring(tmp_path):
+def test_scale_suite_measures_streamed_and_in_memory_scoring_and_resumes(tmp_path):
+    assert cli.main(["bench", "--suite", "scale", "--rows", "3000", "--out",
+                     str(tmp_path)]) == 0
+    first = pd.read_csv(tmp_path / "scale" / "scores.csv")
     code = cli.main(["bench", "--suite", "scale", "--rows", "3000,70000", "--out",
                      str(tmp_path)])
     assert code == 0
+    log = pd.read_csv(tmp_path / "scale" / "scores.csv")
+    # the 3,000-row measurements are kept from the first run, not taken again
+    pd.testing.assert_frame_equal(log.iloc[:2], first)
+    assert len(log) == 4
     table = pd.read_csv(tmp_path / "scale" / "scoring_memory.csv")
     assert sorted(zip(table["rows"], table["mode"], strict=True)) == [
         (3000, "in memory"), (3000, "streamed"), (70000, "in memory"), (70000, "streamed")]
