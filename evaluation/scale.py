@@ -12,7 +12,8 @@ import json
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -79,10 +80,31 @@ def write_synthetic_parquet(path: Path, n_rows: int, seed: int = 0) -> None:
             writer.close()
 
 
-def _measure(script: str, model: Path, data: Path, out: Path) -> dict:
-    done = subprocess.run([sys.executable, "-c", script, str(model), str(data), str(out)],
-                          check=True, capture_output=True, text=True)
+def _run_script(script: str, *args) -> dict:
+    """Run ``script`` in a fresh interpreter with ``args``; the JSON of its last line."""
+    done = subprocess.run([sys.executable, "-c", script, *map(str, args)], check=True,
+                          capture_output=True, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _measure_each_size(log, row_counts: Sequence[int], modes: Callable[[int], Sequence[str]],
+                       measure: Callable[[str, Path, int], dict], work: Path) -> pd.DataFrame:
+    """For each row count, the ``modes`` not yet in ``log``: one synthetic parquet file of
+    that many rows, ``measure(mode, file, rows)`` on it, each result appended to ``log`` as
+    it finishes. Returns the log's rows for ``row_counts``."""
+    for n_rows in row_counts:
+        todo = [m for m in modes(n_rows)
+                if not log.done(dataset="synthetic", target=n_rows, seed=0, method=m)]
+        if not todo:
+            continue
+        data = work / f"rows_{n_rows}.parquet"
+        write_synthetic_parquet(data, n_rows)
+        for mode in todo:
+            log.append({"dataset": "synthetic", "target": n_rows, "seed": 0, "method": mode,
+                        "file_mb": round(data.stat().st_size / 2**20, 1),
+                        **measure(mode, data, n_rows)})
+        data.unlink()
+    return _measurements(log, row_counts)
 
 
 def scoring_memory(log, row_counts: Sequence[int] = (1_000_000, 3_000_000, 10_000_000), *,
@@ -90,42 +112,33 @@ def scoring_memory(log, row_counts: Sequence[int] = (1_000_000, 3_000_000, 10_00
     """One row per (rows, mode): ``streamed`` is ``divtri score`` (an ONNX model, parquet in,
     CSV out); ``in memory`` reads the whole file with pandas and scores it in one call.
     The model is the default detector fitted on 5,000 rows of the same distribution (seeded,
-    so a resumed run scores with the same model). Each measurement is appended to ``log``
-    (an :class:`evaluation.results.ResultLog`) as it finishes, and a rerun skips those
-    already there."""
+    so a resumed run scores with the same model), only when a measurement is left to take.
+    Each measurement is appended to ``log`` (an :class:`evaluation.results.ResultLog`) as
+    it finishes, and a rerun skips those already there."""
     from anomaly import LatentEBMDetector
 
-    def todo(n_rows: int) -> list[tuple[str, str]]:
-        modes = [("streamed", _STREAMED)]
-        if n_rows <= in_memory_up_to:
-            modes.append(("in memory", _IN_MEMORY))
-        return [(mode, script) for mode, script in modes
-                if not log.done(dataset="synthetic", target=n_rows, seed=0, method=mode)]
-
+    scripts = {"streamed": _STREAMED, "in memory": _IN_MEMORY}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        model = None
-        for n_rows in row_counts:
-            measurements = todo(n_rows)
-            if not measurements:
-                continue
-            if model is None:
-                X = np.random.RandomState(1).normal(size=(5000, N_FEATURES))
-                model = LatentEBMDetector(epochs=epochs, random_state=0).fit(X).to_onnx(
-                    work / "model.onnx")
-            data = work / f"rows_{n_rows}.parquet"
-            write_synthetic_parquet(data, n_rows)
-            for mode, script in measurements:
-                result = _measure(script, model, data, work / "scores.csv")
-                scored = result.pop("rows")
-                if scored != n_rows:
-                    raise RuntimeError(f"{mode} scoring returned {scored} scores for "
-                                       f"{n_rows} rows")
-                log.append({"dataset": "synthetic", "target": n_rows, "seed": 0,
-                            "method": mode, "file_mb": round(data.stat().st_size / 2**20, 1),
-                            **result, "rows_per_second": n_rows / result["seconds"]})
-            data.unlink()
-    return _measurements(log, row_counts)
+
+        @cache
+        def model() -> Path:
+            X = np.random.RandomState(1).normal(size=(5000, N_FEATURES))
+            return LatentEBMDetector(epochs=epochs, random_state=0).fit(X).to_onnx(
+                work / "model.onnx")
+
+        def modes(n_rows: int) -> list[str]:
+            return ["streamed", "in memory"] if n_rows <= in_memory_up_to else ["streamed"]
+
+        def measure(mode: str, data: Path, n_rows: int) -> dict:
+            result = _run_script(scripts[mode], model(), data, work / "scores.csv")
+            scored = result.pop("rows")
+            if scored != n_rows:
+                raise RuntimeError(f"{mode} scoring returned {scored} scores for {n_rows} "
+                                   f"rows")
+            return {**result, "rows_per_second": n_rows / result["seconds"]}
+
+        return _measure_each_size(log, row_counts, modes, measure, work)
 
 
 def training_memory(log, row_counts: Sequence[int] = (1_000_000, 3_000_000, 10_000_000), *,
@@ -136,28 +149,14 @@ def training_memory(log, row_counts: Sequence[int] = (1_000_000, 3_000_000, 10_0
     the reading, preprocessing and scoring, not the training time. Each measurement is
     appended to ``log`` (an :class:`evaluation.results.ResultLog`) as it finishes, and a rerun
     skips those already there."""
-    params = {"epochs": 1000, "max_training_seconds": training_seconds, "random_state": 0,
-              "verbose": 0}
-    modes = ("streamed", "in memory")
+    params = json.dumps({"epochs": 1000, "max_training_seconds": training_seconds,
+                         "random_state": 0, "verbose": 0})
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        for n_rows in row_counts:
-            todo = [m for m in modes if not log.done(dataset="synthetic", target=n_rows,
-                                                     seed=0, method=m)]
-            if not todo:
-                continue
-            data = work / f"rows_{n_rows}.parquet"
-            write_synthetic_parquet(data, n_rows)
-            for mode in todo:
-                done = subprocess.run([sys.executable, "-c", _FIT, mode, str(data),
-                                       str(work / "model"), json.dumps(params)],
-                                      check=True, capture_output=True, text=True)
-                result = json.loads(done.stdout.strip().splitlines()[-1])
-                log.append({"dataset": "synthetic", "target": n_rows, "seed": 0,
-                            "method": mode, "file_mb": round(data.stat().st_size / 2**20, 1),
-                            **result})
-            data.unlink()
-    return _measurements(log, row_counts)
+        return _measure_each_size(
+            log, row_counts, lambda n_rows: ["streamed", "in memory"],
+            lambda mode, data, n_rows: _run_script(_FIT, mode, data, work / "model", params),
+            work)
 
 
 def _measurements(log, row_counts: Sequence[int]) -> pd.DataFrame:
