@@ -155,17 +155,17 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
     ----------
     objective : {"triangle", "vae"}, default="triangle"
         ``"vae"`` trains the same encoder and generator as a plain VAE (the ablation).
-    score_rule : {"auto", "fused", "latent_fused", "latent_lof", "latent_knn", "joint", \
-"reconstruction", "energy", "elbo"}, default="auto"
+    score_rule : {"auto", "global_fused", "fused", "latent_fused", "latent_lof", "latent_knn", \
+"latent_mahalanobis", "joint", "reconstruction", "energy", "elbo"}, default="auto"
         Anomaly score (named ``score_rule`` because scikit-learn reserves ``score`` for a
-        method). ``"auto"`` is ``"latent_fused"`` for images (conv networks) and ``"fused"``
-        for tabular rows: per-pixel reconstruction error mostly measures how much ink an image
-        has (simple held-out digits are redrawn well and rank as normal), and the classes of
-        an image set crowd the code space unevenly, which a local density ratio allows for,
-        while on a small bank that ratio is noisy and the plain distance to the codes ranks
-        better; on tables an extreme value in one feature is what most anomalies show and
-        reconstruction sees it, while anomalies in unlabelled training rows are each other's
-        neighbours in the bank.
+        method). ``"auto"`` is ``"latent_fused"`` for images (conv networks) and
+        ``"global_fused"`` for tabular rows: per-pixel reconstruction error mostly measures
+        how much ink an image has (simple held-out digits are redrawn well and rank as
+        normal), and the classes of an image set crowd the code space unevenly, which a local
+        density ratio allows for, while on a small bank that ratio is noisy and the plain
+        distance to the codes ranks better; on tables an extreme value in one feature is what
+        most anomalies show and reconstruction sees it, while anomalies in unlabelled training
+        rows are each other's neighbours in the bank but lie outside the bulk of its codes.
         ``"joint"`` = E(x, mu) + reconstruction error + ||mu||^2 / 2 (the negative
         log of the tilted joint density); ``"reconstruction"`` = -log p(x | mu(x));
         ``"energy"`` = E(x, mu(x)) as in the paper; ``"elbo"`` = negative ELBO at mu;
@@ -177,8 +177,11 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
         reconstruction, latent_knn and energy scores, each centred by its median, divided
         by its interquartile range on the training rows and cut at 0 from below (a rule
         counts only where it finds the sample more anomalous than the median);
-        ``"latent_fused"`` = the same sum of latent_knn and latent_lof. README: which rule
-        ranks best where.
+        ``"latent_fused"`` = the same sum of latent_knn and latent_lof;
+        ``"latent_mahalanobis"`` = the squared Mahalanobis distance of mu(x) from the bank's
+        codes under their robust (minimum covariance determinant, 75% support) location and
+        covariance; ``"global_fused"`` = the sum of reconstruction, latent_mahalanobis and
+        energy, standardised and cut as ``"fused"``. README: which rule ranks best where.
     inference_loss : {"kl_plus", "kl_minus"}, default="kl_plus"
         Encoder objective: ``"kl_plus"`` minimises KL(Q||P) + KL(Q||Pi); ``"kl_minus"``
         (the authors' code) KL(Q||P) - KL(Q||Pi), which collapses the encoder variance.
@@ -271,7 +274,8 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
         upstream than data.
     bank_size : int, default=50_000
         Most training rows whose codes the model keeps for the rules that compare a code with
-        the training rows' (``latent_fused``, ``latent_lof``, ``latent_knn``, ``fused``); a
+        the training rows' (``latent_fused``, ``latent_lof``, ``latent_knn``, ``fused``;
+        ``latent_mahalanobis`` and ``global_fused`` estimate their covariance from it); a
         seeded random subset beyond. More codes resolve the training density more finely (MNIST,
         ``latent_lof``: 50,000 codes against 10,000, +0.07 mean AUPRC; README) at a cost in
         the saved model and per scored row that grows with it: 50,000 codes of latent 32 are
@@ -442,7 +446,7 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
         """The score rule ``score_rule`` stands for on images or on tabular rows."""
         if self.score_rule != "auto":
             return self.score_rule
-        return "latent_fused" if is_image else "fused"
+        return "latent_fused" if is_image else "global_fused"
 
     def _network_config(self, input_shape: tuple[int, ...]) -> NetworkConfig:
         return NetworkConfig(input_shape=input_shape, latent_dim=int(self.latent_dim),

@@ -27,6 +27,7 @@ from anomaly._rules import package_version
 from training import AnomalyScorer, NetworkConfig, build_networks
 from training.scorer import (
     BANK_NEIGHBOURHOOD_BUFFERS,
+    CODE_DISTRIBUTION_BUFFERS,
     FLOAT64_BUFFERS,
     MISSING_BUFFERS,
     STANDARDISED_RULES,
@@ -224,6 +225,10 @@ def load_detector(cls, path: str | Path):
     else:  # saved before latent_lof: the bank's neighbourhoods follow from the bank itself
         scorer.set_bank_neighbourhoods()
         weights.update({name: getattr(scorer, name) for name in BANK_NEIGHBOURHOOD_BUFFERS})
+    if not all(name in weights for name in CODE_DISTRIBUTION_BUFFERS):
+        # saved before latent_mahalanobis: the codes' distribution follows from the bank
+        scorer.set_code_distribution()
+        weights.update({name: getattr(scorer, name) for name in CODE_DISTRIBUTION_BUFFERS})
     for name in MISSING_BUFFERS:
         if name in weights:  # sized by the saved model; empty in models saved before them
             setattr(scorer, name, torch.zeros_like(weights[name]))
@@ -234,7 +239,8 @@ def load_detector(cls, path: str | Path):
     except RuntimeError as err:  # tensors of other shapes than the configuration says
         raise ValueError(f"{directory}: the weights do not fit the saved network "
                          f"configuration: {err}") from None
-    if scorer.fusion_center.shape[0] < len(STANDARDISED_RULES):  # saved before latent_fused
+    # saved before latent_fused or latent_mahalanobis
+    if scorer.fusion_center.shape[0] < len(STANDARDISED_RULES):
         scorer.standardise_added_rules()
     detector.scorer_ = scorer.eval()
     detector.input_shape_ = input_shape

@@ -107,9 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--drop-columns", type=_names, default=[],
                      help="comma-separated columns of a table that are not features")
     fit.add_argument("--objective", choices=("triangle", "vae"), default=None)
-    fit.add_argument("--score-rule", default=None, help="auto (default), fused, latent_fused, "
-                                                        "latent_lof, latent_knn, joint, "
-                                                        "reconstruction, energy, elbo")
+    fit.add_argument("--score-rule", default=None,
+                     help="auto (default), global_fused, fused, latent_fused, latent_lof, "
+                          "latent_knn, latent_mahalanobis, joint, reconstruction, energy, elbo")
     fit.add_argument("--epochs", type=int, default=None)
     fit.add_argument("--max-training-minutes", type=float, default=None,
                      help="stop training after this many minutes")

@@ -83,6 +83,28 @@ def test_bank_rules_keep_the_training_codes_and_the_contamination_contract(tabul
     assert (det.score_samples(tabular) > loo).any()
 
 
+def test_latent_mahalanobis_is_robust_to_anomalies_among_the_training_codes(tabular):
+    from sklearn.covariance import EmpiricalCovariance
+
+    det = _fit(tabular, contamination=0.1, score_rule="global_fused")
+    assert (det.predict(tabular) == -1).mean() == pytest.approx(0.1, abs=1 / 80)
+    scorer = det.scorer_
+    bank = scorer.code_bank.numpy()
+    # A tenth of the codes moved far away: the robust location and covariance ignore them,
+    # the plain ones are dragged towards them, and the moved codes score far out.
+    shifted = bank.copy()
+    shifted[: len(bank) // 10] += 50.0
+    scorer.code_bank = torch.from_numpy(shifted)
+    scorer.set_code_distribution()
+    clean_mean = bank[len(bank) // 10:].mean(0)
+    plain = EmpiricalCovariance().fit(shifted).location_
+    robust_error = np.abs(scorer.code_location.numpy() - clean_mean).max()
+    assert robust_error < 0.1 * np.abs(plain - clean_mean).max()
+    maha = scorer.code_scores(torch.from_numpy(shifted), ("latent_mahalanobis",))
+    maha = maha["latent_mahalanobis"].numpy()
+    assert maha[: len(bank) // 10].min() > 100 * np.median(maha[len(bank) // 10:])
+
+
 def test_latent_knn_is_the_mean_distance_to_the_nearest_bank_codes(tabular):
     from sklearn.neighbors import NearestNeighbors
 
@@ -124,7 +146,8 @@ def test_fused_rules_standardise_each_rule_by_its_training_spread(tabular):
     det = _fit(tabular, score_rule="fused")
     scorer = det.scorer_
     by_rule = scorer.scores_in_chunks(torch.from_numpy(tabular), leave_one_out=True)
-    for i, rule in enumerate(("reconstruction", "latent_knn", "energy", "latent_lof")):
+    for i, rule in enumerate(("reconstruction", "latent_knn", "energy", "latent_lof",
+                              "latent_mahalanobis")):
         q1, median, q3 = np.percentile(by_rule[rule].numpy(), [25, 50, 75])
         assert scorer.fusion_center[i].item() == pytest.approx(median)
         assert scorer.fusion_spread[i].item() == pytest.approx(q3 - q1)
@@ -370,9 +393,9 @@ def test_bad_parameters(images, params, message):
         LatentEBMDetector(**{**TINY, **params}).fit(X)
 
 
-def test_auto_score_rule_is_latent_fused_for_images_and_fused_for_tables(tabular, images,
-                                                                         tmp_path):
-    assert _fit(tabular).score_rule_ == "fused"
+def test_auto_score_rule_is_latent_fused_for_images_and_global_fused_for_tables(
+        tabular, images, tmp_path):
+    assert _fit(tabular).score_rule_ == "global_fused"
     image_model = _fit(images.astype(float))
     assert image_model.score_rule_ == "latent_fused" and image_model.score_rule == "auto"
     assert _fit(tabular, score_rule="joint").score_rule_ == "joint"

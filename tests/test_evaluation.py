@@ -92,15 +92,17 @@ def test_paired_compares_the_reference_on_shared_runs_only():
 
 
 def test_anomaly_scores_by_rule_match_each_rule_s_definition(images):
+    from sklearn.covariance import MinCovDet
     from sklearn.neighbors import LocalOutlierFactor
 
     from anomaly import LatentEBMDetector
-    from training.scorer import LOF_NEIGHBORS
+    from training.scorer import LOF_NEIGHBORS, MCD_SUPPORT_FRACTION
 
     det = LatentEBMDetector(**TINY, score_rule="elbo", random_state=0).fit(images)
     rules = det.anomaly_scores_by_rule(images)
     assert set(rules) == {"energy", "joint", "reconstruction", "elbo", "latent_knn",
-                          "latent_lof", "fused", "latent_fused"}
+                          "latent_lof", "fused", "latent_fused", "latent_mahalanobis",
+                          "global_fused"}
     np.testing.assert_allclose(rules["elbo"], det.anomaly_score(images))
     # Each rule by its definition, from the networks directly.
     fitted = det.scorer_
@@ -137,6 +139,14 @@ def test_anomaly_scores_by_rule_match_each_rule_s_definition(images):
     assert min(z.min() for z in latent) < 0 < max(z.max() for z in latent)
     np.testing.assert_allclose(rules["latent_fused"], sum(np.maximum(z, 0.0) for z in latent),
                                rtol=1e-6, atol=1e-5)
+    # latent_mahalanobis: scikit-learn's robust (MCD) squared distance of the codes from the
+    # bank's; global_fused: it with the reconstruction and the energy (entries 4, 0, 2)
+    mcd = MinCovDet(support_fraction=MCD_SUPPORT_FRACTION, random_state=0).fit(bank)
+    maha = mcd.mahalanobis(mu.numpy())
+    np.testing.assert_allclose(rules["latent_mahalanobis"], maha, rtol=1e-8)
+    global_terms = [(s - center[i]) / spread[i] for s, i in ((recon, 0), (maha, 4), (energy, 2))]
+    np.testing.assert_allclose(rules["global_fused"],
+                               sum(np.maximum(z, 0.0) for z in global_terms), rtol=1e-6, atol=1e-5)
 
 
 @pytest.mark.slow

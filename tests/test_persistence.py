@@ -162,3 +162,28 @@ def test_a_model_saved_before_latent_fused_gets_the_bank_statistics_it_needs_on_
     np.testing.assert_array_equal(again.scorer_.fusion_center, scorer.fusion_center)
     np.testing.assert_allclose(again.anomaly_scores_by_rule(probe, ["latent_fused"])
                                ["latent_fused"], before, rtol=1e-12)
+
+
+def test_a_model_saved_before_latent_mahalanobis_gets_its_codes_distribution_on_load(tmp_path):
+    from sklearn.covariance import MinCovDet
+
+    from training.scorer import MCD_SUPPORT_FRACTION, STANDARDISED_RULES
+
+    loaded = LatentEBMDetector.load(FIXTURES / "model_v3")
+    scorer = loaded.scorer_
+    bank = scorer.code_bank.numpy()
+    mcd = MinCovDet(support_fraction=MCD_SUPPORT_FRACTION, random_state=0).fit(bank)
+    np.testing.assert_allclose(scorer.code_location.numpy(), mcd.location_, rtol=1e-9)
+    probe = pd.DataFrame(np.load(FIXTURES / "model_v3_probe.npz")["X"], columns=["a", "b", "c"])
+    by_rule = loaded.anomaly_scores_by_rule(probe, ["latent_mahalanobis", "global_fused"])
+    np.testing.assert_allclose(by_rule["latent_mahalanobis"],
+                               mcd.mahalanobis(loaded.encode(probe)), rtol=1e-8)
+    # its training spread is computed from the bank, as fit computes it
+    index = STANDARDISED_RULES.index("latent_mahalanobis")
+    q1, median, q3 = np.percentile(mcd.mahalanobis(bank), [25, 50, 75])
+    assert scorer.fusion_center[index].item() == pytest.approx(median, rel=1e-9)
+    assert scorer.fusion_spread[index].item() == pytest.approx(q3 - q1, rel=1e-9)
+    again = LatentEBMDetector.load(loaded.save(tmp_path / "model"))
+    np.testing.assert_array_equal(again.scorer_.code_precision, scorer.code_precision)
+    np.testing.assert_allclose(again.anomaly_scores_by_rule(probe, ["global_fused"])
+                               ["global_fused"], by_rule["global_fused"], rtol=1e-12)
