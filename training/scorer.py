@@ -38,6 +38,10 @@ SUMMED_RULES = {"fused": FUSED_RULES, "latent_fused": LATENT_FUSED_RULES,
 # Rules that need the bank of training codes, and through it a call of calibrate().
 BANK_RULES = ("fused", "latent_knn", "latent_lof", "latent_fused", "latent_mahalanobis",
               "global_fused")
+# The bank rules that search the bank for each row's nearest codes, whose (rows x bank codes)
+# distance block bounds how many rows one pass may score; latent_mahalanobis needs none.
+NEIGHBOUR_RULES = tuple(rule for rule in BANK_RULES
+                        if {rule, *SUMMED_RULES.get(rule, ())} & {"latent_knn", "latent_lof"})
 
 # Rows per pass in scores_in_chunks: bounds the float64 activations of the conv nets.
 CHUNK_ROWS = 4096
@@ -472,7 +476,7 @@ class AnomalyScorer(nn.Module):
                          ) -> dict[str, torch.Tensor]:
         """:meth:`scores` of many rows, ``chunk_rows`` at a time, without autograd, so that
         memory stays bounded whatever the number of rows (and of bank codes)."""
-        if set(BANK_RULES) & set(rules):
+        if set(NEIGHBOUR_RULES) & set(rules):
             chunk_rows = max(1, min(chunk_rows, self._distance_block_rows()))
         with torch.no_grad():
             chunks = [self.scores(x_raw[start:start + chunk_rows], rules, leave_one_out)
@@ -504,11 +508,10 @@ class AnomalyScorer(nn.Module):
                     leave_one_out: bool = False) -> dict[str, torch.Tensor]:
         """Scores ``(n,)`` of the codes ``mu`` ``(n, k)`` under the bank rules among
         ``rules`` (``latent_knn``, ``latent_lof``, ``latent_mahalanobis``), from one search of
-        the bank: its nearest
-        codes come sorted, so the ``N_NEIGHBORS`` nearest are the first of the
-        ``LOF_NEIGHBORS`` nearest and one search serves both (the search is most of the cost
-        of scoring against a large bank). ``leave_one_out`` skips the nearest code, for rows
-        that are in the bank.
+        the bank: its nearest codes come sorted, so the ``N_NEIGHBORS`` nearest are the first
+        of the ``LOF_NEIGHBORS`` nearest and one search serves both (the search is most of
+        the cost of scoring against a large bank). ``leave_one_out`` skips the nearest code,
+        for rows that are in the bank.
 
         ``latent_knn`` = mean Euclidean distance to the nearest codes. ``latent_lof`` = the
         local outlier factor among the bank's codes, as scikit-learn's
