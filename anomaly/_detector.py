@@ -234,9 +234,13 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
         Fraction of the rows given to ``fit`` held out from training (seeded random choice)
         to calibrate p-values; they should be normal. None trains on every row; call
         :meth:`calibrate` with normal rows later to get p-values.
-    critic_negatives : sequence of {"mismatch", "wide"}, default=()
+    critic_negatives : "auto" or sequence of {"mismatch", "wide"}, default="auto"
         Pairs the critic pushes up besides the generator's (g(z), z): ``"mismatch"`` =
         (x, code of another row), ``"wide"`` = (g(2.5 z), 2.5 z), beyond the prior's bulk.
+        ``"auto"`` is ``("wide",)`` on tabular rows and none on images: on the 27 ADBench
+        sets the wide pairs turn the energy alone from below chance (0.48 mean AUROC) into a
+        ranker (0.61, above 0.5 on 20 of 27 sets), while on digits images they lowered it
+        (README, "what we tried").
     trim_fraction : float in [0, 1), default=0.05
         Fraction of each minibatch, the rows reconstructed worst, left out of the losses'
         data terms, so that anomalies in unlabelled training data are not learnt as normal
@@ -336,7 +340,7 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
         "contamination": [StrOptions({"auto"}), _positive(upper=0.5, closed="right")],
         "alpha": [_positive(upper=1.0), None],
         "calibration": [_positive(upper=1.0), None],
-        "critic_negatives": ["array-like"],
+        "critic_negatives": [StrOptions({"auto"}), "array-like"],
         "trim_fraction": [_Interval(Real, 0, 1, closed="left")],
         "update_order": [StrOptions(set(UPDATE_ORDERS))],
         "critic_every": [_positive(Integral)],
@@ -372,7 +376,7 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
         contamination: str | float = "auto",
         alpha: float | None = None,
         calibration: float | None = None,
-        critic_negatives: Sequence[str] = (),
+        critic_negatives: str | Sequence[str] = "auto",
         trim_fraction: float = 0.05,
         update_order: str = "simultaneous",
         critic_every: int = 1,
@@ -454,7 +458,15 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
                              depth=int(self.depth), energy_width=self.energy_width,
                              energy_scale=float(self.energy_scale))
 
-    def _train_config(self) -> TrainConfig:
+    def _resolve_critic_negatives(self, is_image: bool) -> tuple[str, ...]:
+        """The extra critic negatives ``critic_negatives`` stands for on images or rows."""
+        if isinstance(self.critic_negatives, str) and self.critic_negatives == "auto":
+            return () if is_image else ("wide",)
+        return self.critic_negatives
+
+    def _train_config(self, is_image: bool = False) -> TrainConfig:
+        """The training settings; ``is_image`` resolves the ``"auto"`` settings (validation
+        before the data are read may leave it at its default)."""
         return TrainConfig(
             objective=self.objective, inference_loss=self.inference_loss,
             epochs=int(self.epochs), batch_size=int(self.batch_size),
@@ -462,7 +474,7 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
             learning_rate=float(self.learning_rate),
             weight_decay=float(self.weight_decay), lr_decay=float(self.lr_decay),
             decoder_sigma=float(self.decoder_sigma),
-            critic_negatives=self.critic_negatives,
+            critic_negatives=self._resolve_critic_negatives(is_image),
             trim_fraction=float(self.trim_fraction),
             update_order=self.update_order,
             critic_every=self.critic_every,
@@ -744,7 +756,7 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
         :class:`training.streaming.SpilledRows`), then set ``scorer_`` (not yet calibrated)
         and the training history."""
         device = resolve_device(self.device)
-        train_config = self._train_config()
+        train_config = self._train_config(network_config.is_image)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             networks = build_networks(network_config, with_energy=self.objective == "triangle")
