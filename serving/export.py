@@ -19,7 +19,7 @@ from torch import nn
 from anomaly._rules import outlier_labels, package_version
 from serving import metadata
 from training import AnomalyScorer
-from training.scorer import FLOAT64_BUFFERS
+from training.scorer import FLOAT64_BUFFERS, NEIGHBOUR_RULES
 
 GRAPHS = ("scorer", "encoder", "energy")
 SCORER_OUTPUTS = ("score_samples", "decision", "label", "p_value", "feature_scores")
@@ -140,6 +140,10 @@ def export_onnx(detector, path: str | Path, graph: str = "scorer",
         "sample_shape": json.dumps(list(detector._sample_shape)),
         "score_rule": detector.score_rule_,
         "code_bank_rows": str(detector.scorer_.code_bank.shape[0]),
+        # codes each scored row is compared with (a rows x codes distance block), which
+        # bounds the runtime's chunks: the bank for a nearest-code rule, none otherwise
+        "neighbour_rows": str(detector.scorer_.code_bank.shape[0]
+                              if detector.score_rule_ in NEIGHBOUR_RULES else 0),
         "calibration_rows": str(detector.scorer_.calibration_scores.shape[0]),
         "offset": repr(float(detector.offset_)),
         "contamination": str(contamination),

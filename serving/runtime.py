@@ -171,8 +171,9 @@ class OnnxDetector:
         among those this onnxruntime build offers.
     chunk_rows : int or None, default=None
         Rows per ``session.run`` call, so memory stays bounded on large inputs; None = 65536,
-        or fewer for models that keep a code bank, so that a chunk's distances to the bank
-        stay below ``MAX_DISTANCES`` values.
+        or fewer for models whose rule searches a code bank for nearest codes or that are
+        calibrated, so that a chunk's distances to the bank and comparisons with the
+        calibration scores stay below ``MAX_DISTANCES`` values.
 
     Attributes
     ----------
@@ -208,8 +209,10 @@ class OnnxDetector:
         logger.info("ONNX Runtime providers: %s", self.providers_)
         self.n_calibration_ = int(self.metadata_.get("calibration_rows", "0"))
         if chunk_rows is None:
-            bank_rows = int(self.metadata_.get("code_bank_rows", "0"))
-            per_row = max(bank_rows + self.n_calibration_, 1)
+            # files exported before "neighbour_rows" count their whole bank
+            compared = self.metadata_.get("neighbour_rows",
+                                          self.metadata_.get("code_bank_rows", "0"))
+            per_row = max(int(compared) + self.n_calibration_, 1)
             chunk_rows = min(DEFAULT_CHUNK_ROWS, max(1, MAX_DISTANCES // per_row))
         if int(chunk_rows) < 1:
             raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")

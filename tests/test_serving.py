@@ -12,11 +12,13 @@ import torch
 
 from anomaly import LatentEBMDetector
 from evaluation import cli
+from serving import runtime as runtime_module
 from serving.commands import score_command
 from serving.export import export_onnx, read_metadata
 from serving.runtime import OnnxDetector
 from tests.conftest import TINY
 from training import SCORE_RULES
+from training.scorer import NEIGHBOUR_RULES
 
 RNG = np.random.RandomState(0)
 TABULAR = RNG.normal(size=(200, 6))
@@ -227,9 +229,15 @@ def test_cli_export_and_score(exported, tmp_path, suffix):
 
 
 @pytest.mark.parametrize("rule", SCORE_RULES)
-def test_every_score_rule_exports_with_parity(tmp_path, rule):
+def test_every_score_rule_exports_with_parity(tmp_path, rule, monkeypatch):
     det = LatentEBMDetector(**TINY, score_rule=rule, random_state=0).fit(TABULAR)
-    runtime = OnnxDetector(det.to_onnx(tmp_path / f"{rule}.onnx"))
+    path = det.to_onnx(tmp_path / f"{rule}.onnx")
+    # only a rule that compares each row with the bank's codes shrinks the runtime's chunks
+    monkeypatch.setattr(runtime_module, "MAX_DISTANCES", 4000)
+    compared = len(TABULAR) if rule in NEIGHBOUR_RULES else 0
+    assert OnnxDetector(path).chunk_rows == 4000 // max(compared, 1)
+    monkeypatch.undo()
+    runtime = OnnxDetector(path)
     X = _fresh("tabular", 50)
     np.testing.assert_allclose(runtime.score_samples(X), det.score_samples(X),
                                rtol=1e-5, atol=1e-5)
