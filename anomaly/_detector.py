@@ -239,7 +239,7 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
         (x, code of another row), ``"wide"`` = (g(2.5 z), 2.5 z), beyond the prior's bulk.
         ``"auto"`` is ``("wide",)`` on tabular rows and none on images: on the 27 ADBench
         sets the wide pairs turn the energy alone from below chance (0.48 mean AUROC) into a
-        ranker (0.61, above 0.5 on 20 of 27 sets), while on digits images they lowered it
+        ranker (0.62, above 0.5 on 20 of 27 sets), while on digits images they lowered it
         (README, "what we tried").
     trim_fraction : float in [0, 1), default=0.05
         Fraction of each minibatch, the rows reconstructed worst, left out of the losses'
