@@ -240,7 +240,8 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
         ``"auto"`` is ``("wide",)`` on tabular rows and none on images: on the 27 ADBench
         sets the wide pairs turn the energy alone from below chance (0.48 mean AUROC) into a
         ranker (0.62, above 0.5 on 20 of 27 sets), while on digits images they lowered it
-        (README, "what we tried").
+        (README, "what we tried"). Images given as flat rows without ``image_shape`` count
+        as rows; the wide pairs cost them accuracy too (README), so set ``image_shape``.
     trim_fraction : float in [0, 1), default=0.05
         Fraction of each minibatch, the rows reconstructed worst, left out of the losses'
         data terms, so that anomalies in unlabelled training data are not learnt as normal
