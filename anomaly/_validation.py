@@ -66,6 +66,8 @@ def validate_samples(estimator, X, *, reset: bool, allow_nan: bool = False
     X = validate_data(estimator, X, reset=reset, dtype=np.float64,
                       ensure_all_finite="allow-nan", accept_sparse=False, ensure_min_samples=1,
                       ensure_min_features=1)
+    # torch cannot wrap a view with negative strides (X[::-1]); copy only such views
+    X = np.ascontiguousarray(X)
     check_missing(X, allow_nan, type(estimator).__name__,
                   "fit it with missing='mask' to learn and score with missing entries, or "
                   "impute them before")

@@ -180,6 +180,10 @@ def test_scores_do_not_depend_on_batch(tabular):
     full = det.score_samples(tabular)
     parts = np.concatenate([det.score_samples(tabular[i:i + 7]) for i in range(0, 80, 7)])
     np.testing.assert_allclose(parts, full, rtol=1e-12)
+    # views with negative or non-unit strides are rows like any other
+    np.testing.assert_allclose(det.score_samples(tabular[::-1])[::-1], full, rtol=1e-12)
+    np.testing.assert_allclose(det.score_samples(np.asfortranarray(tabular)[::2]), full[::2],
+                               rtol=1e-12)
 
 
 @pytest.mark.parametrize("layout", ["nhw", "nchw", "rows"])

@@ -99,8 +99,47 @@ def test_missing_rate_calibration_keeps_normal_rows_where_complete_ones_are(mask
         uncalibrated_complete = det.score_samples(rows[:20])
     finally:
         scorer.missing_rates = saved
-    # complete rows are untouched by the calibration
-    np.testing.assert_array_equal(det.score_samples(rows[:20]), uncalibrated_complete)
+    # trained on rows that all arrive incomplete, complete rows are scored at the lowest
+    # calibrated rate (next test), so the calibration changes them too
+    assert not np.allclose(det.score_samples(rows[:20]), uncalibrated_complete)
+
+
+def test_complete_rows_keep_their_score_when_some_training_rows_were_complete():
+    det = LatentEBMDetector(**FIT, missing="mask", random_state=0).fit(TABLE)
+    assert float(det.scorer_.missing_rates[0]) == 0.0
+    rows = TABLE[:20]
+    calibrated = det.score_samples(rows)
+    det.scorer_.missing_rates = torch.zeros(0, dtype=torch.float64)
+    np.testing.assert_array_equal(det.score_samples(rows), calibrated)
+
+
+def test_rows_more_complete_than_the_lowest_calibrated_rate_are_scored_at_that_rate(
+        masked_model):
+    # Every training row had about 30% of its 6 cells missing: the lowest rate calibrated
+    # is 1 of 6, so a complete row is scored with one entry hidden, one the row's own values
+    # choose: the same entry whatever the batch, and a different one from row to row.
+    det, rows = masked_model, TABLE[:200]
+    scorer = det.scorer_
+    assert round(float(scorer.missing_rates[0]) * 6) == 1
+    with torch.no_grad():
+        raw = torch.from_numpy(rows)
+        hidden = torch.isnan(scorer._hidden_to_lowest_rate(raw, scorer.preprocess(raw)))
+    np.testing.assert_array_equal(hidden.sum(1).numpy(), np.ones(200))
+    per_feature = hidden.sum(0).numpy()
+    assert per_feature.min() >= 15, per_feature  # about 33 each when drawn uniformly
+    scores = det.score_samples(rows)
+    np.testing.assert_array_equal(det.score_samples(rows[::-1])[::-1], scores)
+    # the complete row scores exactly as the row with that entry missing
+    np.testing.assert_allclose(det.score_samples(np.where(hidden.numpy(), np.nan, rows)),
+                               scores, rtol=1e-12)
+    # a row already missing its share is not touched
+    sparse = _holes(rows, 0.5, seed=3)
+    with torch.no_grad():
+        raw = torch.from_numpy(sparse)
+        kept = scorer._hidden_to_lowest_rate(raw, scorer.preprocess(raw))
+    at_least_one = np.isnan(sparse).any(1)
+    np.testing.assert_array_equal(np.isnan(kept.numpy())[at_least_one],
+                                  np.isnan(sparse)[at_least_one])
 
 
 def test_missing_rate_calibration_brings_each_row_to_an_exact_rate():
@@ -161,6 +200,7 @@ def test_onnx_completes_missing_cells_inside_the_graph_with_parity(masked_model,
     runtime = OnnxDetector(path)
     assert runtime.allows_missing_
     X = _holes(TABLE[:60], 0.35, seed=5)
+    X[:10] = TABLE[:10]  # complete rows: the graph hides the same entry as the estimator
     np.testing.assert_allclose(runtime.score_samples(X), det.score_samples(X), rtol=1e-5,
                                atol=1e-5)
     np.testing.assert_array_equal(runtime.predict(X), det.predict(X))

@@ -6,6 +6,7 @@ Scoring is deterministic: it uses mu(x), never a sampled z.
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -102,6 +103,10 @@ MISSING_CALIBRATION_ROWS = 2000
 # Least share of those rows that must reach a rate (not missing more already) for the rate
 # to be calibrated: fewer would leave its tail quantiles on a handful of rows.
 MIN_SHARE_REACHING_A_RATE = 0.2
+# Fractional parts of the golden and plastic ratios: multiples of them spread evenly over
+# [0, 1) (a low-discrepancy sequence), so no two entries share a weight or an offset.
+GOLDEN_RATIO_FRACTION = 0.6180339887498949
+PLASTIC_RATIO_FRACTION = 0.3247179572447460
 
 
 def _median_and_spread(scores: torch.Tensor) -> tuple[float, float]:
@@ -110,6 +115,25 @@ def _median_and_spread(scores: torch.Tensor) -> tuple[float, float]:
     q1, median, q3 = torch.quantile(scores, torch.tensor([0.25, 0.5, 0.75], dtype=scores.dtype))
     iqr = float(q3 - q1)
     return float(median), (iqr if iqr > 1e-12 * max(1.0, abs(float(median))) else 1.0)
+
+
+def _row_priorities(x_raw: torch.Tensor) -> torch.Tensor:
+    """A number in [0, 1) per entry of each raw row ``(n, n_features)``, uniform-looking and
+    unrelated across entries and rows, but a function of the row's observed values only (a
+    hash: no random state, so scores are reproducible and the ONNX graph draws the same).
+    The values are rounded to float32 first, the precision the ONNX graph takes them in,
+    and squashed so that any magnitude gives a moderate argument to ``sin``."""
+    values = torch.nan_to_num(x_raw.to(torch.float32).to(torch.float64), nan=0.0)
+    # constants built in Python, so that the graph holds them in float64 (an exported
+    # arange would be float32 arithmetic, and this hash magnifies any difference)
+    index = range(1, values.shape[1] + 1)
+    weight = torch.tensor([1.0 + j * GOLDEN_RATIO_FRACTION % 1.0 for j in index],
+                          dtype=torch.float64)                               # (d,) in [1, 2)
+    offset = torch.tensor([2.0 * math.pi * (j * PLASTIC_RATIO_FRACTION % 1.0) for j in index],
+                          dtype=torch.float64)                               # (d,)
+    seed = torch.tanh(values) @ weight + (values / (1.0 + values.abs())).sum(1)  # (n,)
+    # a multiplier exact in float32: the exporter writes Python scalars as float32 constants
+    return torch.frac(torch.sin(seed[:, None] * weight + offset).abs() * 43758.5)
 
 
 def _quantile_map(value: torch.Tensor, quantiles: torch.Tensor, reference: torch.Tensor
@@ -402,6 +426,30 @@ class AnomalyScorer(nn.Module):
         self.missing_quantiles = torch.stack(quantiles)
         self.missing_rates = torch.stack(rates)
 
+    def _hidden_to_lowest_rate(self, x_raw: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Model-space rows ``x`` with entries hidden (set to NaN) until each misses at least
+        the lowest calibrated rate's share: when every training row arrived incomplete, no
+        score of a more complete row was ever measured, and such a row would be scored on a
+        scale its calibration does not share (models trained with 30% of the cells missing
+        flagged 0.133 of complete normal rows at alpha = 0.1). Which entries are hidden is
+        drawn from the row's own values (:func:`_row_priorities`), so that a row always
+        gets the same score, in this process and in the ONNX graph, and the hidden entries
+        are a uniform random choice, like those removed in :meth:`calibrate_missing_rates`.
+        Unchanged where the lowest calibrated rate is 0 (some training rows complete)."""
+        if (not self.allows_missing or self.missing_rates.shape[0] < 2
+                or (not torch.compiler.is_exporting() and float(self.missing_rates[0]) <= 0.0)):
+            return x
+        flat = x.flatten(1)                                                  # (n, d)
+        n_features = flat.shape[1]
+        missing = torch.isnan(flat)
+        target = torch.round(self.missing_rates[0] * n_features)
+        to_hide = (target - missing.sum(1).to(target.dtype)).clamp_min(0.0)   # (n,)
+        # the observed entries in the order of their priority (missing ones last)
+        priority = _row_priorities(x_raw).masked_fill(missing, 2.0)
+        rank = priority.argsort(1).argsort(1).to(target.dtype)
+        hidden = (rank < to_hide[:, None]) & ~missing
+        return torch.where(hidden, torch.full_like(flat, torch.nan), flat).reshape(x.shape)
+
     def _rate_adjusted(self, rule: str, score: torch.Tensor, observed: torch.Tensor
                        ) -> torch.Tensor:
         """``score`` of rows with ``observed`` entries, mapped from the score quantiles of
@@ -578,7 +626,7 @@ class AnomalyScorer(nn.Module):
         anomaly score sits there, in the score's own units, comparable across rows (a normal
         row's features all get little). A row whose preprocessed values overflow float32 (an
         infinite score) puts it all on those values."""
-        x, observed = self.complete(self.preprocess(x_raw))
+        x, observed = self.complete(self._hidden_to_lowest_rate(x_raw, self.preprocess(x_raw)))
         x_net = x.to(self.encoder.mu.weight.dtype)
         counterpart = self.normal_counterpart(x_net).to(x.dtype)
         residual = (x - counterpart).flatten(1).pow(2)
@@ -608,7 +656,7 @@ class AnomalyScorer(nn.Module):
         # Preprocessing and the score's sums run in the dtype of the input and of shift/scale;
         # the networks in their own. A float32 network (the ONNX export) under float64 input
         # then loses precision only inside the networks, not in the large sums.
-        x, observed = self.complete(self.preprocess(x_raw))
+        x, observed = self.complete(self._hidden_to_lowest_rate(x_raw, self.preprocess(x_raw)))
         x_net = x.to(self.encoder.mu.weight.dtype)
         mu_net, logvar = self.encoder(x_net)                           # (n, k) each
         mu = mu_net.to(x.dtype)
