@@ -136,6 +136,15 @@ def _row_priorities(x_raw: torch.Tensor) -> torch.Tensor:
     return torch.frac(torch.sin(seed[:, None] * weight + offset).abs() * 43758.5)
 
 
+def _hide_in_priority_order(rows: torch.Tensor, missing: torch.Tensor, priority: torch.Tensor,
+                            count: torch.Tensor) -> torch.Tensor:
+    """``rows`` ``(n, d)`` with ``count`` ``(n,)`` more entries set to NaN: the observed ones
+    (``~missing``) of lowest ``priority`` (values in [0, 1))."""
+    rank = priority.masked_fill(missing, 2.0).argsort(1).argsort(1).to(count.dtype)
+    hidden = (rank < count[:, None]) & ~missing
+    return torch.where(hidden, torch.full_like(rows, torch.nan), rows)
+
+
 def _quantile_map(value: torch.Tensor, quantiles: torch.Tensor, reference: torch.Tensor
                   ) -> torch.Tensor:
     """Each ``value`` ``(n,)`` moved from its row's quantiles ``(n, Q)`` to the same levels of
@@ -408,11 +417,10 @@ class AnomalyScorer(nn.Module):
             if eligible.sum() < MIN_SHARE_REACHING_A_RATE * x_bank_raw.shape[0]:
                 continue
             rows, missing = x_bank_raw[eligible], already_missing[eligible]
-            # the observed entries in random order (missing ones last); remove the first few
+            # the observed entries in random order; remove the first few
             priority = torch.rand(rows.shape, generator=generator, dtype=rows.dtype)
-            rank = priority.masked_fill(missing, 2.0).argsort(1).argsort(1)
-            removed = (rank < (target - n_missing[eligible])[:, None]) & ~missing
-            x_masked = torch.where(removed, torch.full_like(rows, torch.nan), rows)
+            x_masked = _hide_in_priority_order(rows, missing, priority,
+                                               target - n_missing[eligible])
             by_rule = self.scores_in_chunks(x_masked, rules, leave_one_out=in_bank)
             # a rule the model does not have keeps the identity map (equal quantiles)
             at_rate = levels[:, None].repeat(1, len(SCORE_RULES))
@@ -444,11 +452,8 @@ class AnomalyScorer(nn.Module):
         missing = torch.isnan(flat)
         target = torch.round(self.missing_rates[0] * n_features)
         to_hide = (target - missing.sum(1).to(target.dtype)).clamp_min(0.0)   # (n,)
-        # the observed entries in the order of their priority (missing ones last)
-        priority = _row_priorities(x_raw).masked_fill(missing, 2.0)
-        rank = priority.argsort(1).argsort(1).to(target.dtype)
-        hidden = (rank < to_hide[:, None]) & ~missing
-        return torch.where(hidden, torch.full_like(flat, torch.nan), flat).reshape(x.shape)
+        return _hide_in_priority_order(flat, missing, _row_priorities(x_raw),
+                                       to_hide).reshape(x.shape)
 
     def _rate_adjusted(self, rule: str, score: torch.Tensor, observed: torch.Tensor
                        ) -> torch.Tensor:
@@ -508,6 +513,13 @@ class AnomalyScorer(nn.Module):
             x_hat = self.generator(self.encoder(filled.to(dtype))[0]).to(x.dtype)
             filled = torch.where(observed, x, x_hat)
         return filled, observed
+
+    def completed_rows(self, x_raw: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Raw rows ``(n, n_features)`` as the score sees them: preprocessed, brought to the
+        lowest calibrated missing rate (:meth:`_hidden_to_lowest_rate`) and completed
+        (:meth:`complete`); with the mask of the entries that count as observed."""
+        return self.complete(self._hidden_to_lowest_rate(x_raw, self.preprocess(x_raw)))
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mu, logvar) ``(n, k)`` each, in the dtype of ``x``, of model-space rows ``x``
@@ -626,7 +638,7 @@ class AnomalyScorer(nn.Module):
         anomaly score sits there, in the score's own units, comparable across rows (a normal
         row's features all get little). A row whose preprocessed values overflow float32 (an
         infinite score) puts it all on those values."""
-        x, observed = self.complete(self._hidden_to_lowest_rate(x_raw, self.preprocess(x_raw)))
+        x, observed = self.completed_rows(x_raw)
         x_net = x.to(self.encoder.mu.weight.dtype)
         counterpart = self.normal_counterpart(x_net).to(x.dtype)
         residual = (x - counterpart).flatten(1).pow(2)
@@ -656,7 +668,7 @@ class AnomalyScorer(nn.Module):
         # Preprocessing and the score's sums run in the dtype of the input and of shift/scale;
         # the networks in their own. A float32 network (the ONNX export) under float64 input
         # then loses precision only inside the networks, not in the large sums.
-        x, observed = self.complete(self._hidden_to_lowest_rate(x_raw, self.preprocess(x_raw)))
+        x, observed = self.completed_rows(x_raw)
         x_net = x.to(self.encoder.mu.weight.dtype)
         mu_net, logvar = self.encoder(x_net)                           # (n, k) each
         mu = mu_net.to(x.dtype)
