@@ -798,9 +798,7 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
         ----------
         X : array-like of shape (n_samples, n_features), (n, H, W) or (n, C, H, W)
             Normal data, exchangeable with the normal data to be scored. Beyond 10,000 rows
-            a seeded random subset is kept. With ``missing="mask"``, a seeded half of the
-            rows measures how scores move with the missing rate and the other half gives
-            the conformal scores.
+            a seeded random subset is kept.
 
         Returns
         -------
@@ -810,18 +808,10 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
         return self
 
     def _calibrate_rows(self, rows: np.ndarray) -> None:
-        if self.scorer_.allows_missing and len(rows) >= 2:
+        if self.scorer_.allows_missing:
             # Rows the networks were not trained on show how an unseen normal row's score
-            # moves with its missing rate; training rows, fitted, move more. Half the rows
-            # measure that, the other half give the conformal scores: a map fitted on the
-            # rows it then scores pulls their tail onto its own quantiles, and unseen rows
-            # then exceed the threshold more often than alpha (0.115-0.120 at alpha 0.1 for
-            # models trained with 30% of the cells missing, when one set did both jobs).
-            order = np.random.RandomState(0).permutation(len(rows))
-            half = len(rows) // 2
-            self.scorer_.calibrate_missing_rates(torch.from_numpy(rows[order[:half]]),
-                                                 in_bank=False)
-            rows = rows[order[half:]]
+            # moves with its missing rate; training rows, fitted, move more.
+            self.scorer_.calibrate_missing_rates(torch.from_numpy(rows), in_bank=False)
         anomaly = -self._score_rows(rows)
         if len(anomaly) > CALIBRATION_ROWS:
             keep = np.random.RandomState(0).choice(len(anomaly), CALIBRATION_ROWS,

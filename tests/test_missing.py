@@ -156,26 +156,6 @@ def test_missing_rate_calibration_brings_each_row_to_an_exact_rate():
                                [0, 1, 2, 3, 4, 5])
 
 
-def test_calibration_rows_split_between_the_rate_map_and_the_conformal_scores():
-    # The rate map and the conformal scores come from disjoint halves of the calibration
-    # rows: scores of rows the map was fitted on would sit on its quantiles, tighter than an
-    # unseen row's, and the threshold would flag more than alpha.
-    det = LatentEBMDetector(**FIT, missing="mask", random_state=0).fit(_holes(TABLE, 0.3))
-    rows = _holes(TABLE[:101], 0.3, seed=4)
-    det.calibrate(rows)
-    scores = det.scorer_.calibration_scores.numpy()
-    assert len(scores) == 51
-    order = np.random.RandomState(0).permutation(101)
-    map_rows, conformal_rows = rows[order[:50]], rows[order[50:]]
-    np.testing.assert_allclose(scores, np.sort(-det.score_samples(conformal_rows)))
-    fitted_map = det.scorer_.missing_quantiles.clone()
-    det.scorer_.calibrate_missing_rates(torch.from_numpy(map_rows), in_bank=False)
-    torch.testing.assert_close(det.scorer_.missing_quantiles, fitted_map)
-    # a model that refuses missing entries keeps every row's conformal score
-    plain = LatentEBMDetector(**FIT, random_state=0).fit(TABLE).calibrate(TABLE[:101])
-    assert len(plain.scorer_.calibration_scores) == 101
-
-
 def test_images_with_missing_pixels(images):
     occluded = _holes(images, 0.3)
     det = LatentEBMDetector(**TINY, missing="mask", random_state=0).fit(occluded)
