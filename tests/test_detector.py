@@ -407,14 +407,16 @@ def test_auto_score_rule_is_latent_fused_for_images_and_global_fused_for_tables(
     assert loaded.score_rule_ == "latent_fused"
 
 
-def test_auto_critic_negatives_are_wide_pairs_on_tables_and_none_on_images(tabular, images):
+def test_auto_critic_negatives_are_wide_and_suspect_pairs_on_tables_and_none_on_images(
+        tabular, images):
     """"auto" must train exactly as its resolution does, and differently from the other one,
-    so the wide pairs really reach the critic on rows and never on images."""
+    so the extra pairs really reach the critic on rows and never on images."""
     def energies(X, negatives):
         return _fit(X, critic_negatives=negatives, score_rule="energy").score_samples(X)
 
     rows_auto = energies(tabular, "auto")
-    np.testing.assert_array_equal(rows_auto, energies(tabular, ("wide",)))
+    np.testing.assert_array_equal(rows_auto, energies(tabular, ("wide", "suspect")))
+    assert not np.allclose(rows_auto, energies(tabular, ("wide",)))
     assert not np.allclose(rows_auto, energies(tabular, ()))
     pixels = images.astype(float)
     np.testing.assert_array_equal(energies(pixels, "auto"), energies(pixels, ()))

@@ -118,7 +118,23 @@ def test_extra_critic_negatives_are_mismatched_and_wide_pairs():
     assert not x_neg.requires_grad and not z_neg.requires_grad
 
 
-@pytest.mark.parametrize("kinds", [("mismatch",), ("wide",), ("mismatch", "wide")])
+def test_suspect_critic_negatives_are_the_rows_the_trimmed_loss_leaves_out():
+    nets, _, _, x = _setup()
+    x[[3, 11]] += 50.0  # the two rows reconstructed worst
+    config = TrainConfig(trim_fraction=2 / 16)
+    pairs = draw_pairs(nets, x, config=config)
+    left_out = pairs.weights == 0
+    assert left_out.nonzero().flatten().tolist() == [3, 11]
+    x_neg, z_neg = extra_negatives(nets, x, pairs, ("suspect",))
+    torch.testing.assert_close(x_neg, x[[3, 11]])
+    torch.testing.assert_close(z_neg, pairs.z_q.detach()[[3, 11]])
+    assert not x_neg.requires_grad and not z_neg.requires_grad
+    # without trimming there is nothing to suspect
+    assert extra_negatives(nets, x, draw_pairs(nets, x), ("suspect",)) is None
+
+
+@pytest.mark.parametrize("kinds", [("mismatch",), ("wide",), ("mismatch", "wide"),
+                                   ("wide", "suspect")])
 def test_critic_step_with_extra_negatives_moves_only_the_energy(kinds):
     nets, opts, config, x = _setup(critic_negatives=kinds)
     nets.energy.eval()  # no power iteration: every call below sees the same normalised weights

@@ -85,7 +85,7 @@ class NetworkConfig:
 
 
 # Pairs the critic pushes up besides the generator's (see training.loop.extra_negatives).
-CRITIC_NEGATIVES = ("mismatch", "wide")
+CRITIC_NEGATIVES = ("mismatch", "wide", "suspect")
 UPDATE_ORDERS = ("alternating", "simultaneous")
 PRECISIONS = ("float32", "bfloat16")
 

@@ -179,6 +179,10 @@ def extra_negatives(networks: Networks, x: torch.Tensor, pairs: Pairs, kinds: Se
     agree. ``"wide"``: (g(c z), c z) with z ~ N(0, I), c = ``WIDE_PRIOR_SCALE``: pairs beyond
     the prior's bulk, where the generator's under-dispersed samples never go, so that the
     critic's potential also rises away from the data and not only towards them.
+    ``"suspect"``: (x, z_q) of the rows the trimmed loss leaves out of this minibatch (the
+    ``trim_fraction`` reconstructed worst; none without trimming): the critic pushes up the
+    rows most likely to be the unlabelled anomalies among the training rows, instead of
+    only leaving them out of the data side, so that its energy rises towards them.
     """
     xs, zs = [], []
     with torch.no_grad():
@@ -189,6 +193,10 @@ def extra_negatives(networks: Networks, x: torch.Tensor, pairs: Pairs, kinds: Se
             z_wide = WIDE_PRIOR_SCALE * pairs.z_p
             xs.append(unwrapped(networks.generator)(z_wide))
             zs.append(z_wide)
+        if "suspect" in kinds and pairs.weights is not None:
+            left_out = pairs.weights == 0
+            xs.append(x[left_out])
+            zs.append(pairs.z_q.detach()[left_out])
     return (torch.cat(xs), torch.cat(zs)) if xs else None
 
 
