@@ -44,11 +44,11 @@ def test_vae_loss_is_recon_plus_kl():
     assert objectives.vae_loss(x, x_rec, mu, logvar, 1.0) == pytest.approx(0.5 * 8 + 0.5 * 3)
 
 
-def _setup(inference_loss="kl_plus", critic_negatives=()):
+def _setup(inference_loss="kl_plus", critic_negatives=(), trim_fraction=0.0):
     torch.manual_seed(0)
     nets = build_networks(NetworkConfig(input_shape=(6,), latent_dim=3, width=8, depth=1))
     config = TrainConfig(inference_loss=inference_loss, grad_clip=None,
-                         critic_negatives=critic_negatives)
+                         critic_negatives=critic_negatives, trim_fraction=trim_fraction)
     return nets, Optimizers.create(nets, config), config, torch.randn(16, 6)
 
 
@@ -133,16 +133,19 @@ def test_suspect_critic_negatives_are_the_rows_the_trimmed_loss_leaves_out():
     assert extra_negatives(nets, x, draw_pairs(nets, x), ("suspect",)) is None
 
 
-@pytest.mark.parametrize("kinds", [("mismatch",), ("wide",), ("mismatch", "wide"),
-                                   ("wide", "suspect")])
-def test_critic_step_with_extra_negatives_moves_only_the_energy(kinds):
-    nets, opts, config, x = _setup(critic_negatives=kinds)
+@pytest.mark.parametrize("kinds, trim_fraction",
+                         [(("mismatch",), 0.0), (("wide",), 0.0), (("mismatch", "wide"), 0.0),
+                          (("wide", "suspect"), 2 / 16)])
+def test_critic_step_with_extra_negatives_moves_only_the_energy(kinds, trim_fraction):
+    nets, opts, config, x = _setup(critic_negatives=kinds, trim_fraction=trim_fraction)
     nets.energy.eval()  # no power iteration: every call below sees the same normalised weights
     before = {name: _params(m) for name, m in nets.named_children()}
-    pairs = draw_pairs(nets, x)
+    pairs = draw_pairs(nets, x, config=config)
     with torch.no_grad():
         x_neg, z_neg = extra_negatives(nets, x, pairs, kinds)
-        want = (nets.energy(x, pairs.z_q).mean()
+        if "suspect" in kinds:  # the two trimmed rows join the wide pairs
+            assert len(x_neg) == len(x) + 2
+        want = (objectives.weighted_mean(nets.energy(x, pairs.z_q), pairs.weights)
                 - torch.cat([nets.energy(pairs.x_p, pairs.z_p), nets.energy(x_neg, z_neg)]
                             ).mean())
     loss = ebm_update(nets, opts, x, pairs, config)
