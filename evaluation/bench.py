@@ -83,7 +83,7 @@ def run_bench(args: argparse.Namespace) -> int:
     out = Path(args.out) / args.suite
     out.mkdir(parents=True, exist_ok=True)
     report = suite.run(Run(args, out, epochs, params, checked))
-    write_tables(report.tables, out)
+    write_tables(report.tables, out, keep=report.results)
     if report.results is not None:
         print(f"results: {report.results}")
     for name in report.shown if report.shown is not None else report.tables:
@@ -423,7 +423,8 @@ def _missing_alarms(run: Run) -> Report:
     missing.false_alarm_suite(classes=run.classes(range(10)), seeds=run.seeds([0]),
                               epochs=run.epochs if run.epochs is not None else 30,
                               detector_params=run.detector_params, log=log)
-    return Report({"false_alarms": missing.false_alarm_table(log.frame())}, results=log.path)
+    return Report({"false_alarm_rates": missing.false_alarm_table(log.frame())},
+                  results=log.path)
 
 
 def _missing_images(run: Run) -> Report:

@@ -91,8 +91,15 @@ def markdown(table: pd.DataFrame, digits: int = 3) -> str:
     return table.to_markdown(floatfmt=tuple(formats))
 
 
-def write_tables(tables: dict[str, pd.DataFrame], out_dir: str | Path) -> None:
+def write_tables(tables: dict[str, pd.DataFrame], out_dir: str | Path,
+                 keep: Path | None = None) -> None:
+    """Each table as ``<name>.csv`` and ``<name>.md`` in ``out_dir``. ``keep`` (a suite's raw,
+    resumable results file) is never overwritten: a table of the same name is an error."""
     out_dir = Path(out_dir)
+    clashes = [name for name in tables
+               if keep is not None and (out_dir / f"{name}.csv").resolve() == Path(keep).resolve()]
+    if clashes:
+        raise ValueError(f"table {clashes[0]!r} would overwrite the raw results {keep}")
     for name, table in tables.items():
         table.to_csv(out_dir / f"{name}.csv")
         (out_dir / f"{name}.md").write_text(markdown(table) + "\n")

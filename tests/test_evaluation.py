@@ -6,7 +6,7 @@ import torch
 from evaluation import cli, datasets, protocols
 from evaluation.methods import MethodOptions, anomaly_scores, make_method
 from evaluation.metrics import detection_metrics
-from evaluation.results import ResultLog, mean_rank, paired, summary
+from evaluation.results import ResultLog, mean_rank, paired, summary, write_tables
 from evaluation.suites import held_out_class_suite
 from tests.conftest import TINY
 
@@ -66,6 +66,20 @@ def test_result_log_resumes(tmp_path):
     second = pd.read_csv(tmp_path / "r.csv")
     assert len(second) == len(first) + 1  # only the new method ran
     assert summary(second).loc["lof", "runs"] == 1
+
+
+def test_tables_never_overwrite_the_raw_results(tmp_path):
+    # the missing-alarms suite once named its table like its raw log, so each run replaced
+    # the resumable per-fit rows with the summary
+    raw = tmp_path / "false_alarms.csv"
+    raw.write_text("seed,flagged\n0,1\n")
+    table = pd.DataFrame({"rate": [0.1]})
+    with pytest.raises(ValueError, match="overwrite the raw results"):
+        write_tables({"false_alarms": table}, tmp_path, keep=raw)
+    assert raw.read_text() == "seed,flagged\n0,1\n"
+    write_tables({"false_alarm_rates": table}, tmp_path, keep=raw)
+    assert pd.read_csv(tmp_path / "false_alarm_rates.csv")["rate"].tolist() == [0.1]
+    assert raw.read_text() == "seed,flagged\n0,1\n"
 
 
 def test_mean_rank_ranks_methods_not_score_rule_variants():
