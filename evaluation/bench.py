@@ -416,12 +416,14 @@ def _missing(run: Run) -> Report:
 
 
 def _missing_alarms(run: Run) -> Report:
-    from evaluation import missing
+    from evaluation import missing, protocols
     from evaluation.results import ResultLog
 
     log = ResultLog(run.out / "false_alarms.csv")
     missing.false_alarm_suite(classes=run.classes(range(10)), seeds=run.seeds([0]),
                               epochs=run.epochs if run.epochs is not None else 30,
+                              split_seeds=run.args.split_seeds or
+                              [protocols.DEFAULT_SHUFFLE_SEED],
                               detector_params=run.detector_params, log=log)
     return Report({"false_alarm_rates": missing.false_alarm_table(log.frame())},
                   results=log.path)

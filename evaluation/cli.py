@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="training time budget per deep model (epochs then default to "
                             "1000, so the budget decides)")
     bench.add_argument("--seeds", type=_ints, default=None, help="e.g. 0,1,2")
+    bench.add_argument("--split-seeds", type=_ints, default=None,
+                       help="missing-alarms: shuffles of the load_digits train/test split "
+                            "(default 42), so that the test rows change too; the table "
+                            "pools every split in the results file")
     bench.add_argument("--rows", type=_ints, default=None,
                        help="scale: row counts of the synthetic files, e.g. 1000000,3000000")
     bench.add_argument("--epochs", type=int, default=None, help="epochs of the deep methods")

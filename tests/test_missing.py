@@ -293,7 +293,7 @@ def test_removal_patterns_remove_the_cells_they_say_and_leave_no_row_empty():
         removal_mask((5, 3), "mnar", rng)
 
 
-def test_missing_suites_end_to_end(tmp_path):
+def test_missing_suites_end_to_end(tmp_path, monkeypatch):
     from evaluation import missing
     from evaluation.methods import MethodOptions
     from evaluation.results import ResultLog
@@ -323,10 +323,20 @@ def test_missing_suites_end_to_end(tmp_path):
     assert set(tables["mean_rank"].index) == set(missing.method_names("mcar_0.3"))
 
     alarms = ResultLog(tmp_path / "alarms.csv")
+    shuffles = []
+    split = missing.protocols.held_out_class
+    monkeypatch.setattr(missing.protocols, "held_out_class",
+                        lambda *a, shuffle_seed, **k: shuffles.append(shuffle_seed)
+                        or split(*a, shuffle_seed=shuffle_seed, **k))
     missing.false_alarm_suite(classes=[0], seeds=[0], train_rates=(0.3,), test_rates=(0.0, 0.5),
-                              epochs=2, detector_params=TINY, log=alarms, verbose=False)
-    table = missing.false_alarm_table(alarms.frame())
+                              split_seeds=(42, 7), epochs=2, detector_params=TINY, log=alarms,
+                              verbose=False)
+    fits = alarms.frame()
+    # the default split keeps its old name (so earlier logs resume); another split is its own
+    assert sorted(fits["dataset"]) == ["digits", "digits_split7"] and shuffles == [42, 7]
+    table = missing.false_alarm_table(fits)
     assert list(table.index) == [("0.3", "0.0"), ("0.3", "0.5")]
+    assert (table["normal rows"] == fits["n_normal"].sum()).all()
     # the ONNX path flags the same rows as the estimator
     np.testing.assert_allclose(table["onnx_offset"], table["offset"], atol=0.01)
     np.testing.assert_allclose(table["onnx_alpha_0.1"], table["alpha_0.1"], atol=0.01)
@@ -352,3 +362,22 @@ def test_columns_an_imputer_drops_are_put_back():
     restored = _restore_dropped(imputed, rows, -1.0)
     np.testing.assert_array_equal(restored[:, [0, 1]], [[2.0, -1.0]])
     assert restored.shape == (1, 3) and np.isfinite(restored).all()
+
+
+@pytest.mark.slow
+def test_missing_alarms_command_pools_the_splits_it_is_given(tmp_path):
+    import json
+
+    from evaluation import cli
+
+    params = json.dumps({k: v for k, v in TINY.items() if k != "epochs"})
+    args = ["bench", "--suite", "missing-alarms", "--classes", "3", "--seeds", "0",
+            "--split-seeds", "42,5", "--epochs", "1", "--detector-params", params,
+            "--out", str(tmp_path)]
+    assert cli.main(args) == 0
+    out = tmp_path / "missing-alarms"
+    fits = pd.read_csv(out / "false_alarms.csv")
+    assert sorted(set(fits["dataset"])) == ["digits", "digits_split5"]
+    assert len(fits) == 4  # two splits x the two training missing rates
+    table = pd.read_csv(out / "false_alarm_rates.csv")
+    assert (table["normal rows"] == fits.groupby("method")["n_normal"].sum().iloc[0]).all()
