@@ -228,12 +228,13 @@ def false_alarm_suite(*, classes: Sequence[int], seeds: Sequence[int],
 
     X, y = datasets.digits()
     X = X.reshape(len(X), -1)
-    jobs = [(_split_name(p), p, c, s, r) for p in split_seeds for c in classes for s in seeds
+    jobs = [(p, c, s, r) for p in split_seeds for c in classes for s in seeds
             for r in train_rates]
-    todo = [j for j in jobs if not log.done(dataset=j[0], target=j[2], seed=j[3],
-                                            method=f"train_missing_{j[4]}")]
-    for name, split_seed, digit, seed, train_rate in tqdm(todo, desc="false alarms",
-                                                          disable=not verbose):
+    todo = [j for j in jobs if not log.done(dataset=_split_name(j[0]), target=j[1], seed=j[2],
+                                            method=f"train_missing_{j[3]}")]
+    for split_seed, digit, seed, train_rate in tqdm(todo, desc="false alarms",
+                                                    disable=not verbose):
+        name = _split_name(split_seed)
         split = protocols.held_out_class(X, y, digit, shuffle_seed=split_seed)
         rng = np.random.RandomState(_cells_seed(f"{name}{digit}", f"mcar_{train_rate}", seed))
         X_train = np.where(removal_mask(split.X_train.shape, f"mcar_{train_rate}", rng), np.nan,
