@@ -78,18 +78,20 @@ def _imputer(kind: str, seed: int):
 
 def method_names(pattern: str) -> list[str]:
     """The methods run on ``pattern``: on complete rows each base method once (the
-    ceilings); with missing cells the detector leaving them out, the detector behind the
-    median imputer and every peer behind each imputer."""
+    ceilings); with missing cells the detector leaving them out, its VAE ablation leaving
+    them out (what the critic costs or earns there), the detector behind the median imputer
+    and every peer behind each imputer."""
     if pattern == "complete":
-        return ["triangle", *IMPUTED_PEERS]
-    return ["triangle_mask", "triangle_median",
+        return ["triangle", "vae_ablation", *IMPUTED_PEERS]
+    return ["triangle_mask", "vae_ablation_mask", "triangle_median",
             *(f"{peer}_{kind}" for peer in IMPUTED_PEERS for kind in IMPUTERS)]
 
 
 def base_method(name: str) -> str:
     """The complete-data method whose score is ``name``'s ceiling."""
-    if name.startswith("triangle"):
-        return "triangle"
+    for ours in ("triangle", "vae_ablation"):
+        if name.startswith(ours):
+            return ours
     for kind in IMPUTERS:
         if name.endswith(f"_{kind}"):
             return name[:-len(kind) - 1]
@@ -99,9 +101,9 @@ def base_method(name: str) -> str:
 def build(name: str, seed: int, options: MethodOptions):
     """A fresh method by name (see :func:`method_names`); a peer behind an imputer is
     returned without it (the suite imputes once for all peers, see :func:`impute`)."""
-    if name in ("triangle", "triangle_mask"):
+    if name in ("triangle", "triangle_mask", "vae_ablation", "vae_ablation_mask"):
         params = {**options.detector_params, "missing": "mask"}
-        return make_method("triangle", seed, MethodOptions(options.epochs, None, params))
+        return make_method(base_method(name), seed, MethodOptions(options.epochs, None, params))
     if name == "triangle_median":
         return make_method("triangle", seed, options)
     return make_method(base_method(name), seed, options)
@@ -112,7 +114,7 @@ def imputer_of(name: str) -> str | None:
     if name == "triangle_median":
         return "median"
     peer = base_method(name)
-    return None if peer == name or name.startswith("triangle") else name[len(peer) + 1:]
+    return None if peer == name or peer in ("triangle", "vae_ablation") else name[len(peer) + 1:]
 
 
 def impute(kind: str, X_train: np.ndarray, X_test: np.ndarray, seed: int

@@ -293,6 +293,24 @@ def test_removal_patterns_remove_the_cells_they_say_and_leave_no_row_empty():
         removal_mask((5, 3), "mnar", rng)
 
 
+def test_the_missing_suite_runs_each_of_our_models_with_cells_left_out_or_imputed():
+    from evaluation import missing
+    from evaluation.methods import MethodOptions
+
+    options = MethodOptions(epochs=1, detector_params=TINY)
+    expected = {"triangle": ("triangle", "mask", None),
+                "triangle_mask": ("triangle", "mask", None),
+                "triangle_median": ("triangle", "error", "median"),
+                "vae_ablation": ("vae", "mask", None),
+                "vae_ablation_mask": ("vae", "mask", None)}
+    for name, (objective, setting, imputer) in expected.items():
+        model = missing.build(name, 0, options)
+        assert (model.objective, model.missing, missing.imputer_of(name)) == (
+            objective, setting, imputer), name
+    assert missing.base_method("vae_ablation_mask") == "vae_ablation"
+    assert missing.imputer_of("pyod_knn_iterative") == "iterative"
+
+
 def test_missing_suites_end_to_end(tmp_path, monkeypatch):
     from evaluation import missing
     from evaluation.methods import MethodOptions
@@ -313,13 +331,17 @@ def test_missing_suites_end_to_end(tmp_path, monkeypatch):
     assert frame["auroc"].notna().all()
     # anomalies shifted by 4 SD: the detector finds them with and without missing cells
     by_method = frame.set_index("method")["auroc"]
-    assert (by_method[["triangle", "triangle_mask", "triangle_median"]] > 0.8).all()
+    assert (by_method[["triangle", "triangle_mask", "triangle_median", "vae_ablation",
+                       "vae_ablation_mask"]] > 0.8).all()
     # a method loses against its own complete-data ceiling, per pattern
     tables = missing.missing_tables(frame)
     losses = tables["auroc_loss_vs_complete"]["mcar_0.3"]
     ceiling = frame.set_index(["target", "method"])["auroc"]
     assert losses["lof_median"] == pytest.approx(ceiling["complete", "lof"]
                                                  - ceiling["mcar_0.3", "lof_median"])
+    # the ablation's ceiling is the ablation on complete rows, not the triangle
+    assert tables["auroc_loss_vs_complete"].loc["vae_ablation_mask", "mcar_0.3"] == pytest.approx(
+        ceiling["complete", "vae_ablation"] - ceiling["mcar_0.3", "vae_ablation_mask"])
     assert set(tables["mean_rank"].index) == set(missing.method_names("mcar_0.3"))
 
     alarms = ResultLog(tmp_path / "alarms.csv")

@@ -38,6 +38,25 @@ def test_inference_loss_variants_differ_by_energy_and_entropy():
         objectives.inference_loss(x, x_rec, z, logvar, energy, sigma, "bogus")
 
 
+def test_rows_with_missing_entries_train_the_encoder_on_the_elbo_alone():
+    x, x_rec = torch.zeros(2, 3), torch.ones(2, 3)
+    z, logvar = torch.ones(2, 4), torch.full((2, 4), -1.0)
+    energy = torch.tensor([0.5, 1.5], requires_grad=True)
+    sigma = 0.5
+    observed = torch.tensor([[True, True, True], [True, False, True]])
+    prior, entropy = 0.5 * 4, 0.5 * (-1.0 * 4)
+    complete_row = 0.5 * 3 / sigma**2 + prior + 0.5 - 2 * entropy   # kl_plus
+    incomplete_row = 0.5 * 2 / sigma**2 + prior - entropy            # observed recon + KL(Q||P)
+    for variant in ("kl_plus", "kl_minus"):
+        loss = objectives.inference_loss(x, x_rec, z, logvar, energy, sigma, variant,
+                                         observed=observed)
+        if variant == "kl_plus":
+            assert loss.item() == pytest.approx((complete_row + incomplete_row) / 2)
+        (grad,) = torch.autograd.grad(loss, energy)
+        # the critic reaches the encoder through complete rows only
+        assert grad[1] == 0 and grad[0] != 0
+
+
 def test_vae_loss_is_recon_plus_kl():
     x, x_rec = torch.zeros(1, 2), torch.full((1, 2), 2.0)
     mu, logvar = torch.ones(1, 3), torch.zeros(1, 3)

@@ -71,13 +71,25 @@ def inference_loss(
     ``"kl_minus"`` (the authors' code): KL(Q||P) - KL(Q||Pi) = recon + ||z||^2/2 - E(x, z);
     the entropies of q cancel.
     ``"kl_plus"``: KL(Q||P) + KL(Q||Pi) = recon + ||z||^2/2 + E(x, z) - 2 H(q(z|x)).
+
+    With ``observed``, a row that misses any entry takes KL(Q||P) alone (the negative ELBO
+    of its observed entries, recon + ||z||^2/2 - H(q(z|x))): its missing entries hold the
+    model's own completion, so the critic's energy of the row judges the model's fill as
+    much as the data, and its pull on the code is circular. Measured: on tables with 30% of
+    cells missing the encoder's KL(Q||Pi) term cost 0.014 AUROC, the generator's energy term
+    nothing (README, missing values).
     """
     base = reconstruction_nll(x, x_rec, sigma, observed) + prior_nll(z_q)
     if variant == "kl_minus":
-        return weighted_mean(base - energy_data, weights)
-    if variant == "kl_plus":
-        return weighted_mean(base + energy_data - 2.0 * gaussian_entropy(logvar), weights)
-    raise ValueError(f"unknown inference loss variant {variant!r}")
+        per_row = base - energy_data
+    elif variant == "kl_plus":
+        per_row = base + energy_data - 2.0 * gaussian_entropy(logvar)
+    else:
+        raise ValueError(f"unknown inference loss variant {variant!r}")
+    if observed is not None:
+        incomplete = ~observed.flatten(1).all(1)
+        per_row = torch.where(incomplete, base - gaussian_entropy(logvar), per_row)
+    return weighted_mean(per_row, weights)
 
 
 def generator_loss(
