@@ -273,7 +273,10 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
         learns from incomplete images: the preprocessing statistics and the reconstruction
         terms count observed entries only, and after every minibatch the missing entries are
         filled by the model's own reconstruction, which the encoder and the critic then see
-        (so "missing" is never a feature of the data). A row scored with missing entries is
+        (so "missing" is never a feature of the data); a row with missing entries trains
+        the encoder on the negative ELBO of its observed entries instead of the triangle's
+        inference loss, because the critic's energy of a row the model completed itself
+        judges the model's own fill (README, missing values). A row scored with missing entries is
         completed the same way (three encode-decode rounds) and its reconstruction error is
         taken per observed entry; its score is then mapped from the score quantiles of
         normal rows at its missing rate onto those of complete rows (measured in ``fit``,
