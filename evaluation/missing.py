@@ -5,8 +5,9 @@ Two benchmarks for ``LatentEBMDetector(missing="mask")``:
 - :func:`missing_suite`: ADBench tables with cells removed completely at random (10%, 30%,
   50%) or in a structured pattern (whole feature groups missing for blocks of rows), in
   both the training and the test rows, the same cells for every method. The detector with
-  the missing cells left out is compared with itself and with the peers behind scikit-learn
-  imputers, and every method on the complete rows is the ceiling.
+  the missing cells left out is compared with its VAE ablation leaving them out, with itself
+  and the peers behind scikit-learn imputers, and every method on the complete rows is the
+  ceiling.
 - :func:`false_alarm_suite`: on normal held-out rows of ``load_digits``, the share flagged at
   the fitted offset and at conformal alphas, by missing rate, for the estimator and for its
   ONNX export.
