@@ -59,6 +59,19 @@ def test_training_fills_missing_entries_with_the_reconstruction_and_keeps_observ
     torch.testing.assert_close(data[untouched], before[untouched])
 
 
+def test_epochs_count_passes_of_observed_entries():
+    """Half the entries missing: twice the passes, so the networks see as many observed
+    entries as the same epochs over complete rows would show them."""
+    params = dict(FIT, epochs=3, missing="mask", random_state=0)
+    complete = LatentEBMDetector(**params).fit(TABLE)
+    assert len(complete.training_history_) == 3
+    half = _holes(TABLE, 0.5)
+    share = np.mean(~np.isnan(half))
+    incomplete = LatentEBMDetector(**params).fit(half)
+    assert len(incomplete.training_history_) == int(np.ceil(3 / share))
+    assert len(incomplete.training_history_) >= 6
+
+
 def test_fit_and_score_tables_with_missing_cells(masked_model):
     det = masked_model
     assert det.__sklearn_tags__().input_tags.allow_nan

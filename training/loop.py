@@ -7,7 +7,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -575,6 +575,8 @@ def train_networks(
     and retried with half the learning rates. After ``config.max_rollbacks`` such retries
     :class:`TrainingDivergedError` is raised, so a model that scores NaN is never returned.
     ``callbacks`` are called as ``callback(epoch, metrics)`` after every good epoch.
+    With ``observed``, ``config.epochs`` counts passes of observed entries: the loop makes
+    :func:`epochs_for_observed` passes over the data.
     With ``checkpointer``, the whole training state is written every ``checkpointer.every``
     epochs, and a fit asked to resume continues from the last checkpoint: on the same device
     it then ends with the same networks as a fit that was never interrupted.
@@ -595,6 +597,7 @@ def train_networks(
     data = use_training_layout(networks, data)
     if observed is not None:
         observed = observed.reshape(data.shape)
+        config = replace(config, epochs=epochs_for_observed(config.epochs, observed))
     if shard is not None and data.shape[0] < shard.world_size:
         raise ValueError(f"{data.shape[0]} training rows cannot be shared among "
                          f"{shard.world_size} processes")
@@ -620,6 +623,18 @@ def train_networks(
         networks.to(memory_format=torch.contiguous_format)
         networks.train(False)
     return state.history
+
+
+def epochs_for_observed(epochs: int, observed: torch.Tensor | None) -> int:
+    """Passes over the data that show the networks as many observed entries as ``epochs``
+    passes over complete rows: ``ceil(epochs / observed share)``. A row with a third of its
+    entries missing carries less per pass, and its fill (refilled once per visit) needs
+    visits to settle (README, missing values: 43 passes instead of 30 at 30% missing gained
+    0.009 AUROC, 60 no more)."""
+    if observed is None:
+        return epochs
+    share = float(observed.float().mean())
+    return epochs if share >= 1.0 else math.ceil(epochs / max(share, 1e-12) - 1e-9)
 
 
 def _train_epochs(state: _TrainingState, callbacks: Sequence[EpochCallback],
