@@ -202,6 +202,10 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
         critic's terms are two orders of magnitude below the reconstruction term and the
         triangle behaves like a VAE; 10 measured best of 1/10/20/30 on digits (README).
     epochs : int, default=100
+        Passes over the training rows. With ``missing="mask"`` it counts passes of observed
+        entries: rows with a share s of their entries observed get ``ceil(epochs / s)``
+        passes, so that the networks see as many observed values as on complete rows
+        (README, missing values).
     max_training_seconds : float or None, default=None
         Stop after the first minibatch that ends past this wall time, even inside an epoch (a
         time budget; results then depend on the machine's speed).
