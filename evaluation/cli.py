@@ -114,7 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--score-rule", default=None,
                      help="auto (default), global_fused, fused, latent_fused, latent_lof, "
                           "latent_knn, latent_mahalanobis, joint, reconstruction, energy, elbo")
-    fit.add_argument("--epochs", type=int, default=None)
+    fit.add_argument("--epochs", type=int, default=None,
+                     help="passes over the rows (default 100); with --missing mask, passes "
+                          "of observed entries: a share s observed gets ceil(EPOCHS / s) passes")
     fit.add_argument("--max-training-minutes", type=float, default=None,
                      help="stop training after this many minutes")
     fit.add_argument("--image-shape", type=_ints, default=None,
