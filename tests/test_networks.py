@@ -68,3 +68,24 @@ def test_networks_is_one_module_over_its_three_parts(with_energy):
     assert not any(m.training for m in modules)
     moved = sum(p.numel() for m in modules for p in m.parameters())
     assert sum(p.numel() for p in nets.parameters()) == moved
+
+
+def test_encoder_log_variance_has_a_soft_ceiling():
+    """An extreme row must not give a log-variance whose exp overflows the VAE's KL (smtp
+    diverged so); ordinary rows keep the head's value, and the ceiling keeps a gradient."""
+    from training.networks import LOGVAR_MAX
+    from training.objectives import kl_to_prior
+
+    torch.manual_seed(0)
+    nets = build_networks(NetworkConfig(input_shape=(3,), latent_dim=2, width=8, depth=2))
+    x = torch.randn(4, 3)
+    raw = nets.encoder.logvar(nets.encoder.body(x))
+    torch.testing.assert_close(nets.encoder(x)[1], raw, atol=1e-3, rtol=0)
+    extreme = 1e4 * torch.ones(1, 3)
+    raw_extreme = nets.encoder.logvar(nets.encoder.body(extreme))
+    assert raw_extreme.max() > 100  # exp() of this overflows float32
+    mu, logvar = nets.encoder(extreme)
+    assert logvar.max() <= LOGVAR_MAX
+    assert torch.isfinite(kl_to_prior(mu, logvar)).all()
+    logvar.sum().backward()
+    assert nets.encoder.logvar.weight.grad.abs().sum() > 0

@@ -16,6 +16,11 @@ from torch.nn.utils.parametrize import is_parametrized, remove_parametrizations
 from training.config import NetworkConfig
 
 _SLOPE = 0.2
+# Upper bound of the encoder's log-variance, approached smoothly. A posterior variance of
+# e^10 is far wider than the prior's 1, so no fit that trains wants it; without a bound one
+# extreme training row can drive the linear head to logvar ~ 94, where exp(logvar) in the
+# VAE's KL term overflows float32 and training diverges (ADBench smtp, 2 of 6 seeds).
+LOGVAR_MAX = 10.0
 
 
 def _act() -> nn.Module:
@@ -66,7 +71,10 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.body(x)
-        return self.mu(h), self.logvar(h)
+        # A soft ceiling keeps a gradient that brings logvar back; below about 0 it moves
+        # logvar by less than e^-10.
+        logvar = LOGVAR_MAX - nn.functional.softplus(LOGVAR_MAX - self.logvar(h))
+        return self.mu(h), logvar
 
 
 class Generator(nn.Module):
