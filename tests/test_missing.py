@@ -141,9 +141,10 @@ def test_rows_more_complete_than_the_lowest_calibrated_rate_are_scored_at_that_r
     per_feature = hidden.sum(0).numpy()
     assert per_feature.min() >= 15, per_feature  # about 33 each when drawn uniformly
     scores = det.score_samples(rows)
-    # the hidden entry is the row's own choice: reversing the batch changes only the BLAS
-    # rounding of float32 rows at other positions in a block (a hidden entry that moved
-    # with the batch would change a score by far more)
+    # the hidden entry is the row's own choice: reversing the batch changes only float32
+    # rounding (the encoder's softplus ceiling rounds an entry in its vectorised body and in
+    # its scalar tail differently); a hidden entry that moved with the batch would change a
+    # score by far more
     np.testing.assert_allclose(det.score_samples(rows[::-1])[::-1], scores, rtol=1e-12)
     # the complete row scores exactly as the row with that entry missing
     np.testing.assert_allclose(det.score_samples(np.where(hidden.numpy(), np.nan, rows)),

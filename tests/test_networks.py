@@ -4,6 +4,8 @@ from torch import nn
 from torch.nn.utils.parametrize import is_parametrized
 
 from training import NetworkConfig, build_networks
+from training.networks import LOGVAR_MAX
+from training.objectives import kl_to_prior
 
 
 @pytest.mark.parametrize("shape", [(7,), (1, 28, 28), (3, 32, 32), (2, 12, 20)])
@@ -73,9 +75,6 @@ def test_networks_is_one_module_over_its_three_parts(with_energy):
 def test_encoder_log_variance_has_a_soft_ceiling():
     """An extreme row must not give a log-variance whose exp overflows the VAE's KL (smtp
     diverged so); ordinary rows keep the head's value, and the ceiling keeps a gradient."""
-    from training.networks import LOGVAR_MAX
-    from training.objectives import kl_to_prior
-
     torch.manual_seed(0)
     nets = build_networks(NetworkConfig(input_shape=(3,), latent_dim=2, width=8, depth=2))
     x = torch.randn(4, 3)
