@@ -188,7 +188,7 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
     latent_dim : int, default=32
         Room for the codes to keep neighbourhoods apart, which the latent_knn part of the
         default score needs (16 against 4: MNIST +0.2 AUPRC; 32 with ``decoder_sigma=0.1``
-        against 16 with 0.3: digits and tables better; README, "what we tried").
+        against 16 with 0.3: digits and tables better; docs/what-we-tried.md).
     width : int or None, default=None
         Hidden units (MLP) or first-stage channels (conv); None = 128 / 32.
     depth : int, default=2
@@ -221,7 +221,7 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
         Standard deviation of p(x|z) in preprocessed units. Smaller weighs reconstruction
         more against the prior, so the codes keep more of each sample (0.1 with latent 32
         against 0.3 with latent 16: reconstruction rule on 8 ADBench sets 0.70 to 0.77
-        AUROC; README, "what we tried").
+        AUROC; docs/what-we-tried.md).
     image_shape : tuple or None, default=None
         ``(H, W)`` or ``(C, H, W)``: 2-D rows are images of this shape (conv networks).
         Image batches ``(n, H, W)`` / ``(n, C, H, W)`` need no ``image_shape``.
@@ -247,7 +247,7 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
         ADBench sets x 3 seeds the wide pairs turn the energy alone from below chance (0.48
         mean AUROC) into a ranker (0.62), and the suspect pairs lift it to 0.74, above 0.5
         on 21 of 27 sets, while on digits images the wide pairs lowered it and the suspect
-        pairs changed nothing (README, "what we tried"). Images given as flat rows without
+        pairs changed nothing (docs/what-we-tried.md). Images given as flat rows without
         ``image_shape`` count as rows; the wide pairs cost them accuracy (README), so set
         ``image_shape``.
     trim_fraction : float in [0, 1), default=0.05

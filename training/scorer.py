@@ -26,12 +26,13 @@ FUSED_RULES = ("reconstruction", "latent_knn", "energy")
 # The rules that "latent_fused" adds up: how far a code is from the bank's (latent_knn) and
 # how much sparser its neighbourhood is than its neighbours' own (latent_lof). Neither
 # alone wins on both a small bank (load_digits, ~1,400 codes, where the distance is ahead)
-# and a large one (MNIST, 50,000 codes, where the ratio is far ahead; README, ninth round).
+# and a large one (MNIST, 50,000 codes, where the ratio is far ahead; docs/what-we-tried.md,
+# ninth round).
 LATENT_FUSED_RULES = ("latent_knn", "latent_lof")
 # The rules that "global_fused" adds up: "fused" with the code's robust distance to the
 # bulk of the bank's codes in place of its distance to its nearest codes. Anomalies in
 # unlabelled training rows are each other's nearest codes, but they stay outside the bulk
-# that a robust covariance keeps (README, "What we tried", eleventh round).
+# that a robust covariance keeps (docs/what-we-tried.md, eleventh round).
 GLOBAL_FUSED_RULES = ("reconstruction", "latent_mahalanobis", "energy")
 # Each summed rule and the standardised rules it adds up.
 SUMMED_RULES = {"fused": FUSED_RULES, "latent_fused": LATENT_FUSED_RULES,
@@ -67,8 +68,8 @@ CALIBRATION_ROWS = 10_000
 # Neighbours of the latent_knn rule (the usual k of kNN detectors, PyOD's default).
 N_NEIGHBORS = 5
 # Neighbours of the latent_lof rule: the MNIST screen found 5 and 10 level, and 3, 20
-# (scikit-learn's default) and 50 worse (README, seventh round); of the two level choices,
-# 10 averages each density over more codes.
+# (scikit-learn's default) and 50 worse (docs/what-we-tried.md, seventh round); of the two
+# level choices, 10 averages each density over more codes.
 LOF_NEIGHBORS = 10
 # Share of the bank's codes whose covariance the minimum covariance determinant estimates
 # (latent_mahalanobis): the rest may be anomalies of unlabelled training rows. The first
