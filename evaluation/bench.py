@@ -443,6 +443,23 @@ def _missing_images(run: Run) -> Report:
                   results=log.path, digits=4)
 
 
+def _energy_landscape(run: Run) -> Report:
+    from evaluation import datasets, energy_landscape
+    from evaluation.results import ResultLog
+
+    root = run.data("the directory of ADBench npz files")
+    files = datasets.adbench(root)
+    unknown = set(run.args.datasets or ()) - set(files)
+    if unknown:
+        raise ValueError(f"no ADBench file for {sorted(unknown)} in {root}")
+    log = ResultLog(run.out / "landscape_runs.csv")
+    energy_landscape.landscape_suite({n: files[n] for n in (run.args.datasets or files)},
+                                     datasets.load_adbench_file, seeds=run.seeds([0]),
+                                     log=log, options=run.options(30))
+    return Report({"energy_landscape": energy_landscape.landscape_table(log.frame())},
+                  results=log.path, digits=2)
+
+
 SUITES: dict[str, Suite] = {
     "quick": Suite(_held_out_digits, "load_digits, all digits, 1 seed, 30 epochs (a few "
                    "minutes)"),
@@ -492,6 +509,9 @@ SUITES: dict[str, Suite] = {
                      "itself and the peers behind imputers", "the ADBench directory"),
     "missing-alarms": Suite(_missing_alarms, "false-alarm rate on normal load_digits rows by "
                             "missing rate, estimator and ONNX"),
+    "energy-landscape": Suite(_energy_landscape, "where the critic's score E(x, mu(x)) is "
+                              "lowest: cold Langevin descent from noise against the training "
+                              "rows, per ADBench set", "the directory of ADBench npz files"),
     "missing-images": Suite(_missing_images, "learning from incomplete MNIST training images "
                             "(the paper's masks), recovery error against imputers",
                             "the MNIST npz directory"),
