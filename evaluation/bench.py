@@ -187,19 +187,29 @@ def _image_set(run: Run) -> Report:
     return _images(run, X, y, path.stem)
 
 
+def _adbench_files(run: Run, default: Sequence[str] | None = None) -> dict[str, Path]:
+    """The ADBench files (name -> path) a suite runs on: ``--datasets``, else those of
+    ``default`` that ``--data`` holds, else every file there."""
+    from evaluation import datasets
+
+    root = run.data("the directory of ADBench npz files")
+    files = datasets.adbench(root)
+    names = run.args.datasets or (list(files) if default is None
+                                  else [n for n in default if n in files])
+    unknown = set(names) - set(files)
+    if unknown:
+        raise ValueError(f"no ADBench file for {sorted(unknown)} in {root}; the files there "
+                         f"are {list(files)}")
+    return {n: files[n] for n in names}
+
+
 def _adbench(run: Run) -> Report:
     from evaluation import datasets, suites
     from evaluation.results import ResultLog
 
-    root = run.data("the directory of ADBench npz files")
-    files = datasets.adbench(root)
-    unknown = set(run.args.datasets or ()) - set(files)
-    if unknown:
-        raise ValueError(f"no ADBench file for {sorted(unknown)} in {root}; the files there "
-                         f"are {list(files)}")
     log = ResultLog(run.out / "adbench.csv")
-    suites.tabular_suite({n: files[n] for n in (run.args.datasets or files)},
-                         datasets.load_adbench_file, seeds=run.seeds([0, 1, 2]),
+    suites.tabular_suite(_adbench_files(run), datasets.load_adbench_file,
+                         seeds=run.seeds([0, 1, 2]),
                          methods=run.args.methods or [*DEFAULT_METHODS, *PYOD_PEERS],
                          log=log, options=run.options())
     return _tables_report(log)
@@ -400,18 +410,12 @@ def _localisation(run: Run) -> Report:
 
 
 def _missing(run: Run) -> Report:
-    from evaluation import datasets, missing
+    from evaluation import missing
     from evaluation.results import ResultLog
 
-    root = run.data("the directory of ADBench npz files")
-    files = datasets.adbench(root)
-    names = run.args.datasets or [n for n in missing.DEFAULT_SETS if n in files]
-    unknown = set(names) - set(files)
-    if unknown:
-        raise ValueError(f"no ADBench file for {sorted(unknown)} in {root}")
     log = ResultLog(run.out / "missing.csv")
-    missing.missing_suite({n: files[n] for n in names}, seeds=run.seeds([0, 1, 2]), log=log,
-                          options=run.options(30))
+    missing.missing_suite(_adbench_files(run, missing.DEFAULT_SETS),
+                          seeds=run.seeds([0, 1, 2]), log=log, options=run.options(30))
     return Report(missing.missing_tables(log.frame()), results=log.path)
 
 
@@ -447,15 +451,9 @@ def _energy_landscape(run: Run) -> Report:
     from evaluation import datasets, energy_landscape
     from evaluation.results import ResultLog
 
-    root = run.data("the directory of ADBench npz files")
-    files = datasets.adbench(root)
-    unknown = set(run.args.datasets or ()) - set(files)
-    if unknown:
-        raise ValueError(f"no ADBench file for {sorted(unknown)} in {root}")
     log = ResultLog(run.out / "landscape_runs.csv")
-    energy_landscape.landscape_suite({n: files[n] for n in (run.args.datasets or files)},
-                                     datasets.load_adbench_file, seeds=run.seeds([0]),
-                                     log=log, options=run.options(30))
+    energy_landscape.landscape_suite(_adbench_files(run), datasets.load_adbench_file,
+                                     seeds=run.seeds([0]), log=log, options=run.options(30))
     return Report({"energy_landscape": energy_landscape.landscape_table(log.frame())},
                   results=log.path, digits=2)
 

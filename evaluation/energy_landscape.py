@@ -10,6 +10,7 @@ every training row show minima of the score away from the data.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -22,26 +23,25 @@ from tqdm.auto import tqdm
 from evaluation import protocols
 from evaluation.methods import MethodOptions, make_method
 from evaluation.results import ResultLog
+from training.sampling import langevin
 
 N_CHAINS = 256
 DESCENT_STEPS = 300
 GRADIENT_STEP = 0.1   # x <- x - GRADIENT_STEP * grad + NOISE * eps: cold, as the EBM papers sample
 NOISE = 0.01
 START_SD = 2.0        # chains start at N(0, START_SD^2 I) in the model's standardised units
+# the same step as training.sampling.langevin's s and T: s^2 / 2 = GRADIENT_STEP, s sqrt(T) = NOISE
+STEP_SIZE = math.sqrt(2.0 * GRADIENT_STEP)
+TEMPERATURE = NOISE**2 / (2.0 * GRADIENT_STEP)
 
 
 def descend_score(scorer, n_features: int, generator: torch.Generator, *,
                   n_chains: int = N_CHAINS, steps: int = DESCENT_STEPS) -> torch.Tensor:
     """``(n_chains, n_features)`` points in model units after ``steps`` cold Langevin steps
     down E(x, mu(x)) from broad noise (``scorer``: a fitted detector's ``scorer_``)."""
-    dtype = scorer.shift.dtype
-    x = START_SD * torch.randn((n_chains, n_features), generator=generator, dtype=dtype)
-    for _ in range(steps):
-        x.requires_grad_(True)
-        (grad,) = torch.autograd.grad(_score(scorer, x).sum(), [x])
-        noise = torch.randn(x.shape, generator=generator, dtype=dtype)
-        x = (x - GRADIENT_STEP * grad + NOISE * noise).detach()
-    return x
+    x = START_SD * torch.randn((n_chains, n_features), generator=generator,
+                               dtype=scorer.shift.dtype)
+    return langevin(x, lambda v: _score(scorer, v), steps, STEP_SIZE, generator, TEMPERATURE)
 
 
 def _score(scorer, x_model: torch.Tensor) -> torch.Tensor:
@@ -83,8 +83,12 @@ def landscape_suite(files: Mapping[str, Path],
     ``options``): one :func:`landscape_row`, appended to ``log`` as it finishes."""
     jobs = [(name, seed) for name in files for seed in seeds
             if not log.done(dataset="adbench", target=name, seed=seed, method="triangle")]
+    loaded: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for name, seed in tqdm(jobs, desc="energy landscape", unit="fit"):
-        split = protocols.tabular(*load(files[name]), seed)
+        if name not in loaded:  # jobs run set by set: one file read per set, one in memory
+            loaded.clear()
+            loaded[name] = load(files[name])
+        split = protocols.tabular(*loaded[name], seed)
         detector = make_method("triangle", seed, options).fit(split.X_train)
         row = landscape_row(detector, split.X_train, split.X_test, split.y_test, seed)
         log.append({"dataset": "adbench", "target": name, "seed": seed, "method": "triangle",

@@ -6,6 +6,7 @@ and may refine latent codes by short-run Langevin dynamics on a potential U(z).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -16,13 +17,15 @@ Potential = Callable[[torch.Tensor], torch.Tensor]  # (n, k) codes -> (n,) poten
 
 
 def langevin(z: torch.Tensor, potential: Potential, steps: int, step_size: float,
-             generator: torch.Generator) -> torch.Tensor:
-    """Short-run Langevin dynamics z <- z - s^2/2 grad U(z) + s eps, ``steps`` times."""
+             generator: torch.Generator, temperature: float = 1.0) -> torch.Tensor:
+    """Short-run Langevin dynamics z <- z - s^2/2 grad U(z) + s sqrt(T) eps, ``steps``
+    times; ``temperature`` T below 1 samples exp(-U / T), colder: towards U's minima."""
+    noise_scale = step_size * math.sqrt(temperature)
     for _ in range(steps):
         z = z.detach().requires_grad_(True)
         (grad,) = torch.autograd.grad(potential(z).sum(), z)
         noise = torch.randn(z.shape, generator=generator, dtype=z.dtype)
-        z = z - 0.5 * step_size**2 * grad + step_size * noise
+        z = z - 0.5 * step_size**2 * grad + noise_scale * noise
     return z.detach()
 
 
