@@ -5,8 +5,10 @@ from __future__ import annotations
 import hashlib
 import numbers
 import tempfile
+import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import replace
 from numbers import Integral, Real
 from pathlib import Path
 from typing import ClassVar
@@ -35,11 +37,15 @@ from training.distributed import current_shard
 from training.loop import EpochCallback
 from training.sampling import inpaint_rows, sample_rows
 from training.scorer import CALIBRATION_ROWS, CHUNK_ROWS
+from training.scorer_ensemble import ScorerEnsemble
 from training.streaming import SpilledRows
 
 MISSING_OPTIONS = ("error", "mask")
 # Beyond this many training rows, fit_stream sets offset_ from a seeded sample of their scores.
 OFFSET_ROWS = 1_000_000
+# The least training time an ensemble member gets when the members before it used up the
+# time budget (it still ends after its first minibatch past its share).
+MIN_MEMBER_SECONDS = 1.0
 
 
 class _Interval(Interval):
@@ -65,6 +71,23 @@ def resolve_device(device: str) -> torch.device:
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device!r} was asked for, but CUDA is not available")
     return resolved
+
+
+class _MemberCallback:
+    """An epoch callback of one ensemble member: ``callback(first_epoch + epoch, metrics
+    with "member")``."""
+
+    def __init__(self, callback: EpochCallback, member: int, first_epoch: int) -> None:
+        self.callback, self.member, self.first_epoch = callback, member, first_epoch
+
+    def __call__(self, epoch: int, metrics: dict) -> None:
+        self.callback(self.first_epoch + epoch, {**metrics, "member": self.member})
+
+
+def _member_seed(seed: int, member: int) -> int:
+    """The torch seed of ensemble member ``member``: the fit's own for the first, so that one
+    member is the single model of the same ``random_state``."""
+    return seed if member == 0 else (seed + member * 1_000_003) % np.iinfo(np.int32).max
 
 
 def _torch_seed(random_state) -> int:
@@ -296,6 +319,15 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
         ``latent_lof``: 50,000 codes against 10,000, +0.07 mean AUPRC; README) at a cost in
         the saved model and per scored row that grows with it: 50,000 codes of latent 32 are
         12.8 MB (float64), and the neighbour search runs at about 3,000 rows/s on 2 cores.
+    n_members : int or "auto", default="auto"
+        Networks trained independently (each from its own seed, on the same rows) whose
+        scores are averaged: fits from other seeds rank anomalies differently, and their mean
+        ranks better than a typical one (ADBench, 81 runs: +0.010 mean AUROC; README,
+        twenty-seventh round) at ``n_members`` times the cost of training, scoring and the
+        saved model. ``"auto"`` is 3 on tabular rows and 1 on images, where fits are long
+        and a member trained for a share of a time budget loses more than averaging gains.
+        ``max_training_seconds`` is shared among the members. Codes, reconstructions,
+        samples and inpainting come from the first member.
     device : str, default="auto"
         Training device: "auto", "cpu", "cuda" or "cuda:N".
     random_state : int, RandomState instance or None, default=None
@@ -316,9 +348,13 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
     feature_names_in_ : ndarray of shape (n_features_in_,)
         Only when X has string column names.
     training_history_ : list of dict
-        Per-epoch metrics: each loss term, energy gap, mean encoder variance, seconds.
-    scorer_ : AnomalyScorer
-        The fitted scoring module (float64, CPU).
+        Per-epoch metrics: each loss term, energy gap, mean encoder variance, seconds; with
+        several members, every member's epochs in turn, each record with its ``"member"``.
+    n_members_ : int
+        The number of members (``n_members`` with ``"auto"`` resolved).
+    scorer_ : AnomalyScorer or ScorerEnsemble
+        The fitted scoring module (float64, CPU): a ``ScorerEnsemble`` of ``n_members_``
+        scorers when there are several.
 
     Examples
     --------
@@ -360,6 +396,7 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
         "model_pairs_fraction": [_positive(upper=1.0, closed="right")],
         "missing": [StrOptions(set(MISSING_OPTIONS))],
         "bank_size": [_positive(Integral)],
+        "n_members": [StrOptions({"auto"}), _positive(Integral)],
         "device": [str],
         "random_state": ["random_state"],
         "verbose": ["verbose"],
@@ -396,6 +433,7 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
         model_pairs_fraction: float = 0.25,
         missing: str = "error",
         bank_size: int = 50_000,
+        n_members: int | str = "auto",
         device: str = "auto",
         random_state=None,
         verbose: int = 0,
@@ -428,6 +466,7 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
         self.model_pairs_fraction = model_pairs_fraction
         self.missing = missing
         self.bank_size = bank_size
+        self.n_members = n_members
         self.device = device
         self.random_state = random_state
         self.verbose = verbose
@@ -463,6 +502,12 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
         if self.score_rule != "auto":
             return self.score_rule
         return "latent_fused" if is_image else "global_fused"
+
+    def _resolve_n_members(self, is_image: bool) -> int:
+        """The number of members ``n_members`` stands for on images or on tabular rows."""
+        if isinstance(self.n_members, str):
+            return 1 if is_image else 3
+        return int(self.n_members)
 
     def _network_config(self, input_shape: tuple[int, ...]) -> NetworkConfig:
         return NetworkConfig(input_shape=input_shape, latent_dim=int(self.latent_dim),
@@ -509,7 +554,8 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
         y : Ignored
         callbacks : sequence of callables, optional
             Each is called as ``callback(epoch, metrics)`` after every epoch (for example to
-            log to MLflow).
+            log to MLflow). With several members (``n_members``) the epochs count on from
+            one member to the next and the metrics hold the ``"member"`` trained.
         checkpoint_dir : path-like, optional
             Write the whole training state (networks, optimizers, learning rates, random
             generator, metrics) to ``checkpoint_dir/checkpoint.pt`` every
@@ -769,6 +815,44 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
         and the training history."""
         device = resolve_device(self.device)
         train_config = self._train_config(network_config.is_image)
+        n_members = self._resolve_n_members(network_config.is_image)
+        started = time.perf_counter()
+        members, epochs, rollbacks = [], [], 0
+        for member in range(n_members):
+            member_callbacks = callbacks
+            if n_members > 1:
+                # the epochs count on across the members, so that a logger's steps never
+                # repeat; the metrics say which member each epoch trained
+                member_callbacks = [_MemberCallback(callback, member, len(epochs))
+                                    for callback in callbacks]
+            budget = train_config.max_training_seconds
+            if budget is not None:  # what is left, shared among the members still to train
+                left = budget - (time.perf_counter() - started)
+                budget = max(left, MIN_MEMBER_SECONDS) / (n_members - member)
+            networks, history = self._train_member(
+                network_config, replace(train_config, max_training_seconds=budget), data,
+                _member_seed(seed, member), device, member_callbacks, checkpoint,
+                fingerprint if member == 0 or fingerprint is None
+                else f"{fingerprint}:member{member}",
+                observed, member)
+            members.append(AnomalyScorer(
+                networks, torch.from_numpy(shift), torch.from_numpy(scale), self.input_shape_,
+                self.score_rule_, train_config.decoder_sigma,
+                allows_missing=self.missing == "mask").eval())
+            epochs += ([{**record, "member": member} for record in history.epochs]
+                       if n_members > 1 else history.epochs)
+            rollbacks += history.rollbacks
+        self.scorer_ = members[0] if n_members == 1 else ScorerEnsemble(members).eval()
+        self.n_members_ = n_members
+        self.training_history_ = epochs
+        self.n_rollbacks_ = rollbacks
+
+    def _train_member(self, network_config: NetworkConfig, train_config: TrainConfig, data,
+                      seed: int, device, callbacks: Sequence[EpochCallback],
+                      checkpoint: tuple[Path, bool, int] | None, fingerprint: str | None,
+                      observed: torch.Tensor | None, member: int):
+        """Build and train one member's networks from ``seed``; its checkpoints go to
+        ``checkpoint``'s directory (the first member) or a ``member<i>`` folder in it."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             networks = build_networks(network_config, with_energy=self.objective == "triangle")
@@ -777,6 +861,8 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
         checkpointer = None
         if checkpoint is not None:
             directory, resume, every = checkpoint
+            if member:
+                directory = Path(directory) / f"member{member}"
             checkpointer = Checkpointer(directory, fingerprint, every, resume)
         history = train_networks(networks, data, train_config, generator=generator,
                                  callbacks=callbacks, verbose=int(self.verbose),
@@ -784,12 +870,7 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
                                  shard=current_shard())
         networks.freeze_spectral_norm()
         networks.to("cpu", torch.float64)
-        self.scorer_ = AnomalyScorer(
-            networks, torch.from_numpy(shift), torch.from_numpy(scale), self.input_shape_,
-            self.score_rule_, train_config.decoder_sigma,
-            allows_missing=self.missing == "mask").eval()
-        self.training_history_ = history.epochs
-        self.n_rollbacks_ = history.rollbacks
+        return networks, history
 
     def _set_offset(self, train_scores: np.ndarray) -> None:
         """``offset_`` from the training rows' scores (see ``contamination``)."""

@@ -32,6 +32,7 @@ from training.scorer import (
     MISSING_BUFFERS,
     STANDARDISED_RULES,
 )
+from training.scorer_ensemble import ScorerEnsemble
 
 # 2: the scorer keeps a bank of training codes and the fused rule's calibration.
 # 3: self-describing networks, a checksum over the whole JSON, content-named weights.
@@ -120,7 +121,8 @@ def save_detector(detector, path: str | Path) -> Path:
     # Network weights were trained in float32, so storing them as float32 is lossless; the
     # preprocessing constants and the score's calibration (codes and statistics computed by
     # the float64 scorer) keep their precision.
-    weights = {k: (v if k in FLOAT64_BUFFERS else v.to(torch.float32)).contiguous()
+    weights = {k: (v if k.rpartition(".")[2] in FLOAT64_BUFFERS
+                   else v.to(torch.float32)).contiguous()
                for k, v in detector.scorer_.state_dict().items()}
     weights["training_mean"] = torch.from_numpy(np.ascontiguousarray(detector.training_mean_))
     data = save(weights)
@@ -145,6 +147,7 @@ def save_detector(detector, path: str | Path) -> Path:
             "decoder_sigma": float(detector.scorer_.decoder_sigma),
             "allows_missing": bool(detector.scorer_.allows_missing),
             "n_rollbacks": int(detector.n_rollbacks_),
+            "n_members": int(detector.n_members_),
             "training_history": detector.training_history_,
         },
         "versions": {"package": package_version(), "torch": torch.__version__,
@@ -206,9 +209,50 @@ def load_detector(cls, path: str | Path):
                                                   "input_shape": input_shape,
                                                   "spectral_norm": False})
         decoder_sigma = detector.decoder_sigma
-    networks = build_networks(network_config, with_energy=detector.objective == "triangle")
     training_mean = weights.pop("training_mean").numpy()
     # models saved before calibration existed have no calibration scores
+    weights.setdefault("calibration_scores", torch.zeros(0, dtype=torch.float64))
+    n_members = fitted.get("n_members", 1)  # models saved before ensembles have one
+
+    def member_scorer(member_weights: dict[str, torch.Tensor]) -> AnomalyScorer:
+        return _load_scorer(member_weights, network_config, detector.objective, input_shape,
+                            fitted, decoder_sigma, directory)
+
+    if n_members == 1:
+        scorer = member_scorer(weights)
+    else:
+        members = []
+        for i in range(n_members):
+            prefix = f"members.{i}."
+            member_weights = {k.removeprefix(prefix): v for k, v in weights.items()
+                              if k.startswith(prefix)}
+            if not member_weights:
+                raise ValueError(f"{directory}: the weights hold no member {i} of the "
+                                 f"{n_members} the configuration says")
+            members.append(member_scorer(member_weights))
+        scorer = ScorerEnsemble(members, calibration_scores=weights["calibration_scores"])
+    detector.scorer_ = scorer.eval()
+    detector.input_shape_ = input_shape
+    detector._sample_shape = tuple(fitted["sample_shape"])
+    detector.n_features_in_ = fitted["n_features_in"]
+    if fitted["feature_names_in"] is not None:
+        detector.feature_names_in_ = np.asarray(fitted["feature_names_in"], dtype=object)
+    detector.offset_ = fitted["offset"]
+    detector.score_rule_ = fitted["score_rule"]
+    detector.n_rollbacks_ = fitted["n_rollbacks"]
+    detector.n_members_ = n_members
+    detector.training_history_ = fitted["training_history"]
+    detector.training_mean_ = training_mean
+    return detector
+
+
+def _load_scorer(weights: dict[str, torch.Tensor], network_config: NetworkConfig,
+                 objective: str, input_shape: tuple[int, ...], fitted: dict,
+                 decoder_sigma: float, directory: Path) -> AnomalyScorer:
+    """One scorer from its saved tensors (keys as in its own ``state_dict``), completing
+    what models saved by earlier versions lack."""
+    weights = dict(weights)
+    networks = build_networks(network_config, with_energy=objective == "triangle")
     weights.setdefault("calibration_scores", torch.zeros(0, dtype=torch.float64))
     scorer = AnomalyScorer(networks, weights["shift"], weights["scale"], input_shape,
                            fitted["score_rule"], decoder_sigma,
@@ -242,15 +286,4 @@ def load_detector(cls, path: str | Path):
     # saved before latent_fused or latent_mahalanobis
     if scorer.fusion_center.shape[0] < len(STANDARDISED_RULES):
         scorer.standardise_added_rules()
-    detector.scorer_ = scorer.eval()
-    detector.input_shape_ = input_shape
-    detector._sample_shape = tuple(fitted["sample_shape"])
-    detector.n_features_in_ = fitted["n_features_in"]
-    if fitted["feature_names_in"] is not None:
-        detector.feature_names_in_ = np.asarray(fitted["feature_names_in"], dtype=object)
-    detector.offset_ = fitted["offset"]
-    detector.score_rule_ = fitted["score_rule"]
-    detector.n_rollbacks_ = fitted["n_rollbacks"]
-    detector.training_history_ = fitted["training_history"]
-    detector.training_mean_ = training_mean
-    return detector
+    return scorer.eval()

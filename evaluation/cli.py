@@ -224,8 +224,10 @@ def _run_command(args: argparse.Namespace) -> int:
                                checkpoint_dir=args.checkpoint_dir, resume=args.resume,
                                mlflow_experiment=args.mlflow_experiment, register=args.register,
                                stream=args.stream, spill_dir=args.spill_dir)
-        print(f"fitted on {detector.n_features_in_} features, "
-              f"{len(detector.training_history_)} epochs -> {args.out}")
+        members = detector.n_members_
+        epochs = sum(record.get("member", 0) == 0 for record in detector.training_history_)
+        print(f"fitted on {detector.n_features_in_} features, {epochs} epochs"
+              + (f" x {members} members" if members > 1 else "") + f" -> {args.out}")
         return 0
     if args.command == "export":
         from serving.commands import export_command

@@ -74,8 +74,10 @@ def export_scorer(detector) -> AnomalyScorer:
     Runtime's conv kernels want); input, preprocessing, the score's calibration and its sums
     in float64, so that scores agree with the estimator."""
     scorer = copy.deepcopy(detector.scorer_).to(torch.float32).eval()
-    for name in FLOAT64_BUFFERS:
-        setattr(scorer, name, getattr(detector.scorer_, name).clone())
+    for name, buffer in detector.scorer_.named_buffers():
+        owner, _, leaf = name.rpartition(".")  # an ensemble's members hold their own
+        if leaf in FLOAT64_BUFFERS:
+            setattr(scorer.get_submodule(owner), leaf, buffer.clone())
     return scorer
 
 
@@ -139,6 +141,7 @@ def export_onnx(detector, path: str | Path, graph: str = "scorer",
         "input_shape": json.dumps(list(detector.input_shape_)),
         "sample_shape": json.dumps(list(detector._sample_shape)),
         "score_rule": detector.score_rule_,
+        "n_members": str(getattr(detector, "n_members_", 1)),
         "code_bank_rows": str(detector.scorer_.code_bank.shape[0]),
         # codes each scored row is compared with (a rows x codes distance block), which
         # bounds the runtime's chunks: the bank for a nearest-code rule, none otherwise

@@ -86,7 +86,7 @@ def test_bank_rules_keep_the_training_codes_and_the_contamination_contract(tabul
 def test_latent_mahalanobis_is_robust_to_anomalies_among_the_training_codes(tabular):
     from sklearn.covariance import EmpiricalCovariance
 
-    det = _fit(tabular, contamination=0.1, score_rule="global_fused")
+    det = _fit(tabular, contamination=0.1, score_rule="global_fused", n_members=1)
     assert (det.predict(tabular) == -1).mean() == pytest.approx(0.1, abs=1 / 80)
     scorer = det.scorer_
     bank = scorer.code_bank.numpy()
@@ -108,7 +108,7 @@ def test_latent_mahalanobis_is_robust_to_anomalies_among_the_training_codes(tabu
 def test_latent_knn_is_the_mean_distance_to_the_nearest_bank_codes(tabular):
     from sklearn.neighbors import NearestNeighbors
 
-    det = _fit(tabular, score_rule="latent_knn")
+    det = _fit(tabular, score_rule="latent_knn", n_members=1)
     bank = det.scorer_.code_bank.numpy()
     rng = np.random.RandomState(1)
     codes = np.vstack([rng.normal(size=(30, bank.shape[1])), bank[:5]])
@@ -126,7 +126,7 @@ def test_latent_lof_is_scikit_learns_local_outlier_factor_on_the_bank(tabular):
 
     from training.scorer import LOF_NEIGHBORS
 
-    det = _fit(tabular, score_rule="latent_lof")
+    det = _fit(tabular, score_rule="latent_lof", n_members=1)
     assert det.score_rule_ == "latent_lof"
     bank = det.scorer_.code_bank.numpy()
     lof = LocalOutlierFactor(n_neighbors=LOF_NEIGHBORS, novelty=True).fit(bank)
@@ -143,7 +143,7 @@ def test_latent_lof_is_scikit_learns_local_outlier_factor_on_the_bank(tabular):
 def test_fused_rules_standardise_each_rule_by_its_training_spread(tabular):
     import torch
 
-    det = _fit(tabular, score_rule="fused")
+    det = _fit(tabular, score_rule="fused", n_members=1)
     scorer = det.scorer_
     by_rule = scorer.scores_in_chunks(torch.from_numpy(tabular), leave_one_out=True)
     for i, rule in enumerate(("reconstruction", "latent_knn", "energy", "latent_lof",

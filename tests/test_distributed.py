@@ -84,7 +84,8 @@ def test_divtri_fit_under_torchrun_saves_one_model_that_scores(tmp_path):
                     "--params", '{"batch_size": 16, "verbose": 0}')
     assert run.returncode == 0, run.stderr[-3000:]
     detector = LatentEBMDetector.load(model)
-    assert len(detector.training_history_) == 3
+    # the default's three members on rows, each trained in the group for 3 epochs
+    assert detector.n_members_ == 3 and len(detector.training_history_) == 3 * 3
     far = X[:5] + 25.0
     assert np.all(detector.score_samples(far) < np.median(detector.score_samples(X)))
 
@@ -109,5 +110,5 @@ def test_a_torch_distributor_fit_saves_a_model_that_scores(tmp_path, monkeypatch
     finally:
         spark.stop()
     detector = LatentEBMDetector.load(model)
-    assert len(detector.training_history_) == 2
+    assert detector.n_members_ == 3 and len(detector.training_history_) == 3 * 2
     assert np.all(detector.score_samples(X[:5] + 25.0) < np.median(detector.score_samples(X)))

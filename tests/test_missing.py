@@ -17,7 +17,8 @@ from training.networks import NetworkConfig, build_networks
 
 RNG = np.random.RandomState(0)
 TABLE = RNG.normal(size=(240, 6)) @ RNG.normal(size=(6, 6))  # correlated columns
-FIT = dict(TINY, epochs=4, width=16, latent_dim=3)
+# one member: these tests read the scorer's own calibration (ensembles: test_ensemble.py)
+FIT = dict(TINY, epochs=4, width=16, latent_dim=3, n_members=1)
 
 
 def _holes(X, rate, seed=1):

@@ -97,7 +97,10 @@ def test_fit_logged_records_params_metrics_and_model(tracking):
     run = mlflow.get_run(info.run_id)
     assert run.data.params["latent_dim"] == "2"
     history = MlflowClient().get_metric_history(info.run_id, "energy_gap")
-    assert [m.step for m in history] == [1, 2]
+    # the default's three members on rows: their epochs count on, one member after another
+    assert sorted(m.step for m in history) == [1, 2, 3, 4, 5, 6]
+    members = MlflowClient().get_metric_history(info.run_id, "member")
+    assert [m.value for m in sorted(members, key=lambda m: m.step)] == [0, 0, 1, 1, 2, 2]
     assert {"loss_ebm", "encoder_variance", "time_per_epoch"} <= set(run.data.metrics)
     scored = load_model(info.model_uri).predict(pd.DataFrame(X[:5], columns=["x0", "x1",
                                                                                "x2", "x3"]))
@@ -106,7 +109,7 @@ def test_fit_logged_records_params_metrics_and_model(tracking):
 
 def test_callback_logs_into_the_active_run(tracking):
     with mlflow.start_run() as run:
-        LatentEBMDetector(**TINY).fit(X, callbacks=[MlflowEpochLogger()])
+        LatentEBMDetector(**TINY, n_members=1).fit(X, callbacks=[MlflowEpochLogger()])
     assert len(MlflowClient().get_metric_history(run.info.run_id, "reconstruction")) == 2
 
 

@@ -312,7 +312,7 @@ def test_fit_command_trains_saves_and_feeds_score(tmp_path, capsys):
             "--epochs", "2", "--latent-dim", "2", "--calibration", "0.25",
             "--random-state", "0", "--params", '{"width": 8, "depth": 1}']
     assert cli.main(args) == 0
-    assert "6 features, 2 epochs" in capsys.readouterr().out
+    assert "6 features, 2 epochs x 3 members" in capsys.readouterr().out
     det = LatentEBMDetector.load(model)
     assert det.get_params()["latent_dim"] == 2 and det.get_params()["width"] == 8
     assert list(det.feature_names_in_) == [f"f{i}" for i in range(6)]

@@ -110,6 +110,18 @@ GOLDEN_RATIO_FRACTION = 0.6180339887498949
 PLASTIC_RATIO_FRACTION = 0.3247179572447460
 
 
+def conformal_p_values(calibration_scores: torch.Tensor, anomaly: torch.Tensor) -> torch.Tensor:
+    """Split-conformal p-value of each anomaly score ``(n,)`` against the calibration scores
+    ``(n_calibration,)``: (1 + the number at least as large) / (n_calibration + 1); NaN
+    without calibration scores."""
+    n_calibration = calibration_scores.shape[0]
+    if n_calibration == 0:
+        return torch.full_like(anomaly, torch.nan)
+    # (n, n_calibration) comparisons and a sum: ONNX has no searchsorted.
+    at_least = (calibration_scores >= anomaly[:, None]).sum(1).to(anomaly.dtype)
+    return (1.0 + at_least) / (n_calibration + 1)
+
+
 def _median_and_spread(scores: torch.Tensor) -> tuple[float, float]:
     """Median and interquartile range of ``scores`` ``(n,)``; a rule that is constant on the
     training rows gets unit spread rather than an infinite weight."""
@@ -482,12 +494,7 @@ class AnomalyScorer(nn.Module):
         """Split-conformal p-value of each anomaly score ``(n,)``: (1 + the number of
         calibration scores at least as large) / (n_calibration + 1); NaN without calibration.
         On normal data exchangeable with the calibration rows, P(p <= alpha) <= alpha."""
-        n_calibration = self.calibration_scores.shape[0]
-        if n_calibration == 0:
-            return torch.full_like(anomaly, torch.nan)
-        # (n, n_calibration) comparisons and a sum: ONNX has no searchsorted.
-        at_least = (self.calibration_scores >= anomaly[:, None]).sum(1).to(anomaly.dtype)
-        return (1.0 + at_least) / (n_calibration + 1)
+        return conformal_p_values(self.calibration_scores, anomaly)
 
     def preprocess(self, x_raw: torch.Tensor) -> torch.Tensor:
         """``(n, n_features)`` raw -> ``(n, *input_shape)`` model space."""
