@@ -17,6 +17,13 @@ from torch import nn
 
 from training.scorer import CHUNK_ROWS, SCORE_RULES, AnomalyScorer, conformal_p_values
 
+# Read from the first member: its networks (sampling, inpainting, the encoder and energy
+# graphs), the preprocessing all members share, and settings that all members share.
+FIRST_MEMBER_ATTRIBUTES = frozenset({
+    "encoder", "generator", "energy", "shift", "scale", "input_shape", "rule",
+    "decoder_sigma", "allows_missing", "code_bank", "preprocess", "postprocess", "complete",
+    "encode"})
+
 
 class ScorerEnsemble(nn.Module):
     """The mean of the anomaly scores of ``members``, under each rule.
@@ -48,68 +55,15 @@ class ScorerEnsemble(nn.Module):
         self.register_buffer("calibration_scores", torch.zeros(0, dtype=dtype)
                              if calibration_scores is None else calibration_scores.clone())
 
-    # What one model's networks compute: the first member's.
-    @property
-    def first(self) -> AnomalyScorer:
-        return self.members[0]
-
-    @property
-    def encoder(self) -> nn.Module:
-        return self.first.encoder
-
-    @property
-    def generator(self) -> nn.Module:
-        return self.first.generator
-
-    @property
-    def energy(self) -> nn.Module | None:
-        return self.first.energy
-
-    @property
-    def shift(self) -> torch.Tensor:
-        return self.first.shift
-
-    @property
-    def scale(self) -> torch.Tensor:
-        return self.first.scale
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        return self.first.input_shape
-
-    @property
-    def rule(self) -> str:
-        return self.first.rule
-
-    @property
-    def decoder_sigma(self) -> float:
-        return self.first.decoder_sigma
-
-    @property
-    def allows_missing(self) -> bool:
-        return self.first.allows_missing
-
-    @property
-    def code_bank(self) -> torch.Tensor:
-        return self.first.code_bank
+    def __getattr__(self, name: str):
+        if name in FIRST_MEMBER_ATTRIBUTES:
+            return getattr(self.members[0], name)
+        return super().__getattr__(name)
 
     @property
     def is_calibrated(self) -> bool:
         return all(member.is_calibrated for member in self.members)
 
-    def preprocess(self, x_raw: torch.Tensor) -> torch.Tensor:
-        return self.first.preprocess(x_raw)
-
-    def postprocess(self, x_model: torch.Tensor) -> torch.Tensor:
-        return self.first.postprocess(x_model)
-
-    def complete(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return self.first.complete(x)
-
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.first.encode(x)
-
-    # What the score needs: every member's.
     def calibrate(self, x_bank_raw: torch.Tensor) -> None:
         """Each member's :meth:`AnomalyScorer.calibrate` on the same raw rows."""
         for member in self.members:
