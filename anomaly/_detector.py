@@ -325,8 +325,9 @@ class LatentEBMDetector(OutlierMixin, BaseEstimator):
         ranks better than one fit (three members with 30 s each: +0.010 mean AUROC on
         ADBench, 54 runs, and +0.025 on scikit-learn's bundled sets; sharing the table's 30 s:
         +0.008, mean rank 4.63 to 4.17; README, ADBench) at ``n_members`` times the cost of
-        training, scoring and the saved model. ``"auto"`` is 3 on tabular rows and 1 on images, where fits are long
-        and a member trained for a share of a time budget loses more than averaging gains.
+        training, scoring and the saved model. ``"auto"`` is 3 on tabular rows and 1 on
+        images, where fits are long and a member trained for a share of a time budget loses
+        more than averaging gains.
         ``max_training_seconds`` is shared among the members. Codes, reconstructions,
         samples and inpainting come from the first member.
     device : str, default="auto"
