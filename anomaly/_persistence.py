@@ -253,7 +253,6 @@ def _load_scorer(weights: dict[str, torch.Tensor], network_config: NetworkConfig
     what models saved by earlier versions lack."""
     weights = dict(weights)
     networks = build_networks(network_config, with_energy=objective == "triangle")
-    weights.setdefault("calibration_scores", torch.zeros(0, dtype=torch.float64))
     scorer = AnomalyScorer(networks, weights["shift"], weights["scale"], input_shape,
                            fitted["score_rule"], decoder_sigma,
                            code_bank=weights["code_bank"],

@@ -141,7 +141,7 @@ def export_onnx(detector, path: str | Path, graph: str = "scorer",
         "input_shape": json.dumps(list(detector.input_shape_)),
         "sample_shape": json.dumps(list(detector._sample_shape)),
         "score_rule": detector.score_rule_,
-        "n_members": str(getattr(detector, "n_members_", 1)),
+        "n_members": str(detector.n_members_),
         "code_bank_rows": str(detector.scorer_.code_bank.shape[0]),
         # codes each scored row is compared with (a rows x codes distance block), which
         # bounds the runtime's chunks: the bank for a nearest-code rule, none otherwise

@@ -25,6 +25,12 @@ FIRST_MEMBER_ATTRIBUTES = frozenset({
     "encode"})
 
 
+def _mean_by_rule(by_member: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Each rule's scores ``(n,)`` averaged over the members' dicts of scores."""
+    return {rule: torch.stack([scores[rule] for scores in by_member]).mean(0)
+            for rule in by_member[0]}
+
+
 class ScorerEnsemble(nn.Module):
     """The mean of the anomaly scores of ``members``, under each rule.
 
@@ -80,18 +86,15 @@ class ScorerEnsemble(nn.Module):
                leave_one_out: bool = False) -> dict[str, torch.Tensor]:
         """The members' mean score ``(n,)`` of raw rows ``(n, n_features)`` under each rule
         (see :meth:`AnomalyScorer.scores`)."""
-        by_member = [member.scores(x_raw, rules, leave_one_out) for member in self.members]
-        return {rule: torch.stack([scores[rule] for scores in by_member]).mean(0)
-                for rule in by_member[0]}
+        return _mean_by_rule([member.scores(x_raw, rules, leave_one_out)
+                              for member in self.members])
 
     def scores_in_chunks(self, x_raw: torch.Tensor, rules: tuple[str, ...] = SCORE_RULES,
                          chunk_rows: int = CHUNK_ROWS, leave_one_out: bool = False
                          ) -> dict[str, torch.Tensor]:
         """:meth:`scores` of many rows, each member scoring them in bounded chunks."""
-        by_member = [member.scores_in_chunks(x_raw, rules, chunk_rows, leave_one_out)
-                     for member in self.members]
-        return {rule: torch.stack([scores[rule] for scores in by_member]).mean(0)
-                for rule in by_member[0]}
+        return _mean_by_rule([member.scores_in_chunks(x_raw, rules, chunk_rows, leave_one_out)
+                              for member in self.members])
 
     def forward(self, x_raw: torch.Tensor) -> torch.Tensor:
         return self.scores(x_raw, (self.rule,))[self.rule]
